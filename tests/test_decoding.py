@@ -1,0 +1,100 @@
+"""Mixed-policy decoding: the limits, greedy equivalence with generate(), batching invariance."""
+
+from __future__ import annotations
+
+import torch
+
+from dail.decoding import decode, sampling_probs
+
+
+def _gens(n, seed=0):
+    return [torch.Generator().manual_seed(seed + i) for i in range(n)]
+
+
+def _prompts(tok, problems, solution=None):
+    from dail.prompts import render, student_messages, teacher_messages
+
+    if solution is None:
+        return [render(tok, student_messages(p)) for p in problems]
+    return [render(tok, teacher_messages(p, solution)) for p in problems]
+
+
+PROBLEMS = ["Tom has 3 apples and buys 4 more.", "x = 12", "How many apples does he have? 7 8 9 + 24"]
+
+
+def _greedy_generate(model, prompt, max_new_tokens, eos):
+    out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                         max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def test_tau_zero_is_pure_student_and_tau_above_one_is_pure_teacher(tiny):
+    model, tok = tiny
+    s, t = _prompts(tok, PROBLEMS), _prompts(tok, PROBLEMS, "3+4=7. #### 7")
+    kw = dict(max_new_tokens=12, stop_ids=[2], pad_id=0, temperature=1.0)
+    for r in decode(model, s, teacher_prompts=t, tau=0.0, generators=_gens(3), **kw):
+        assert r.teacher_mask and sum(r.teacher_mask) == 0
+    for r in decode(model, s, teacher_prompts=t, tau=1.01, generators=_gens(3), **kw):
+        assert all(m == 1 for m in r.teacher_mask)
+
+
+def test_greedy_limits_equal_generate(tiny):
+    model, tok = tiny
+    s, t = _prompts(tok, PROBLEMS), _prompts(tok, PROBLEMS, "3+4=7. #### 7")
+    kw = dict(max_new_tokens=10, stop_ids=[2], pad_id=0, temperature=0.0)
+    student = decode(model, s, teacher_prompts=t, tau=0.0, generators=_gens(3), **kw)
+    teacher = decode(model, s, teacher_prompts=t, tau=1.5, generators=_gens(3), **kw)
+    for i in range(3):
+        assert student[i].tokens == _greedy_generate(model, s[i], 10, 2)
+        assert teacher[i].tokens == _greedy_generate(model, t[i], 10, 2)
+
+
+def test_batched_mixed_decoding_equals_unbatched(tiny):
+    model, tok = tiny
+    s, t = _prompts(tok, PROBLEMS), _prompts(tok, PROBLEMS, "3+4=7. #### 7")
+    assert len({len(p) for p in s}) > 1  # mixed lengths, so left padding is exercised
+    kw = dict(max_new_tokens=10, stop_ids=[2], pad_id=0, temperature=0.0, tau=0.05)
+    batched = decode(model, s, teacher_prompts=t, generators=_gens(3), **kw)
+    for i in range(3):
+        alone = decode(model, [s[i]], teacher_prompts=[t[i]], generators=_gens(1, i), **kw)[0]
+        assert alone.tokens == batched[i].tokens
+        assert alone.teacher_mask == batched[i].teacher_mask
+
+
+def test_sampling_is_per_row_seeded_and_repeated_prompts_share_a_prefill(tiny):
+    model, tok = tiny
+    s, t = _prompts(tok, PROBLEMS[:1]), _prompts(tok, PROBLEMS[:1], "3+4=7")
+    kw = dict(max_new_tokens=8, stop_ids=[2], pad_id=0, temperature=1.0, tau=0.1)
+    # Three samples of one problem in one batch == each sample decoded alone with its seed.
+    together = decode(model, s * 3, teacher_prompts=t * 3, generators=_gens(3, 10), **kw)
+    for i in range(3):
+        alone = decode(model, s, teacher_prompts=t, generators=_gens(1, 10 + i), **kw)[0]
+        assert alone.tokens == together[i].tokens
+    assert len({tuple(r.tokens) for r in together}) > 1  # different seeds, different samples
+
+
+def test_behaviour_probability_matches_definition(tiny):
+    model, tok = tiny
+    s, t = _prompts(tok, PROBLEMS[:1]), _prompts(tok, PROBLEMS[:1], "3+4=7")
+    # temperature 1, top_p 1: both roles sample their own temperature-1 distributions, so
+    # q(t) = p_S(t)·1[p_T(t) >= tau] + (sum_{p_T(u)<tau} p_S(u))·p_T(t).
+    r = decode(model, s, teacher_prompts=t, tau=0.2, generators=_gens(1), max_new_tokens=6, stop_ids=[2],
+               pad_id=0, temperature=1.0)[0]
+    with torch.no_grad():
+        for i, tok_id in enumerate(r.tokens):
+            ls = model(torch.tensor([s[0] + r.tokens[:i]])).logits[0, -1].softmax(-1)
+            lt = model(torch.tensor([t[0] + r.tokens[:i]])).logits[0, -1].softmax(-1)
+            rejected = ls[lt < 0.2].sum()
+            q = ls[tok_id] * (lt[tok_id] >= 0.2) + rejected * lt[tok_id]
+            assert abs(r.p_student[i] - ls[tok_id].item()) < 1e-4
+            assert abs(r.p_teacher[i] - lt[tok_id].item()) < 1e-4
+            assert abs(r.q[i] - q.item()) < 1e-4
+            if r.teacher_mask[i] == 0:  # an accepted student token clears the threshold
+                assert lt[tok_id] >= 0.2
+
+
+def test_top_p_keeps_smallest_nucleus():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    p = sampling_probs(logits, 1.0, 0.75)
+    assert torch.allclose(p, torch.tensor([[0.625, 0.375, 0.0, 0.0]]))
+    assert torch.equal(sampling_probs(logits, 0.0, 1.0), torch.tensor([[1.0, 0, 0, 0]]))

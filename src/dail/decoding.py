@@ -189,3 +189,19 @@ def decode(
         logits = out.logits[:, -1]
         next_pos = next_pos + 1
     return results  # type: ignore[return-value]
+
+
+def sample_seed(run_seed: int, problem_id: str, sample_index: int) -> int:
+    """The seed of one (problem, sample): a stable hash of the run seed, id and index.
+
+    It does not depend on batch composition, process rank or order, so a record can be
+    regenerated alone and sharded runs match single-process runs.
+    """
+    import hashlib
+
+    digest = hashlib.sha256(f"{run_seed}\x00{problem_id}\x00{sample_index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def generator_for(run_seed: int, problem_id: str, sample_index: int) -> torch.Generator:
+    return torch.Generator().manual_seed(sample_seed(run_seed, problem_id, sample_index))

@@ -1,0 +1,117 @@
+"""The `dail` command: one subcommand per stage, each builds one config and calls one function.
+
+    dail synth  [--config FILE.yaml] [--tau 0.3 --data.source champ ...]
+    dail train  [--config FILE.yaml] [--loss nll --gamma 0.2 ...]
+    dail eval   [--config FILE.yaml] [--adapter runs/x/train/adapter] [--on train|test ...]
+    dail run    [--config FILE.yaml] [...]      (no arguments: the embedded default, end to end)
+    dail report RUN [RUN ...] [--out DIR]
+
+Flags are generated from the stage's config dataclass (`dail.config`), with nested fields as
+dotted flags (`--model.name`, `--data.limit`). Values are parsed as YAML, so lists work:
+`--ks [1,4,16]`. Precedence: defaults < YAML file < flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from dail.config import (ConfigError, EvalConfig, RunConfig, SynthConfig, TrainConfig, build, flag_names,
+                         parse_flag_value)
+
+STAGES: dict[str, tuple[type, str]] = {
+    "synth": (SynthConfig, "Stage 1: mixed-policy (or direct) synthesis of trajectories from expert solutions."),
+    "train": (TrainConfig, "Stage 2: LoRA training with the contrastive KL (or nll / sft)."),
+    "eval": (EvalConfig, "Sample n answers per problem, grade them, report pass@k by k and token budget."),
+    "run": (RunConfig, "All stages from one config; with no arguments, the embedded default end to end."),
+}
+
+
+def _add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
+    parser.add_argument("--config", metavar="FILE.yaml", help="YAML file with config overrides.")
+    for name, (tp, help_) in flag_names(cls).items():
+        tname = getattr(tp, "__name__", str(tp))
+        parser.add_argument(f"--{name}", dest=f"cfg:{name}", metavar=tname.upper(), default=argparse.SUPPRESS,
+                            help=help_.replace("%", "%%"))
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dail", description="DAIL: expert solutions -> training signal.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="Debug logging.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (cls, help_) in STAGES.items():
+        p = sub.add_parser(name, help=help_, description=help_)
+        _add_config_flags(p, cls)
+        if name == "eval":
+            p.add_argument("--on", choices=["train", "test"], default=None,
+                           help="Shortcut for --data.split: evaluate the training or the held-out problems.")
+    p = sub.add_parser("report", help="Compare run folders in one report.md with plots.",
+                       description="Compare run folders in one report.md with plots.")
+    p.add_argument("runs", nargs="+", help="Run folders (each with eval/*/summary.json).")
+    p.add_argument("--out", default=None, help="Where to write report.md (default: the first run folder).")
+    p.add_argument("--title", default=None, help="Report title.")
+    return parser
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    return {k[4:]: parse_flag_value(v) for k, v in vars(args).items() if k.startswith("cfg:")}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = make_parser()
+    if not argv:
+        argv = ["run"]  # `dail` alone = the embedded default
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("httpx", "urllib3", "filelock", "matplotlib"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        if args.command == "report":
+            from dail.report import write_report
+
+            runs = [Path(r) for r in args.runs]
+            path = write_report(runs, Path(args.out) if args.out else runs[0], title=args.title)
+            print(path)
+            return 0
+        cls = STAGES[args.command][0]
+        overrides = _overrides(args)
+        if getattr(args, "on", None):
+            overrides["data.split"] = args.on
+        cfg = build(cls, args.config, overrides)
+        if args.command == "synth":
+            from dail.synthesis import synthesize
+
+            print(synthesize(cfg))
+        elif args.command == "train":
+            from dail.training import train
+
+            print(train(cfg))
+        elif args.command == "eval":
+            from dail.evaluation import evaluate
+
+            evaluate(cfg)
+            print(Path(cfg.out) / "summary.json")
+        elif args.command == "run":
+            from dail.pipeline import run
+
+            out = run(cfg)
+            print(out / "report.md")
+        return 0
+    except ConfigError as e:
+        parser.exit(2, f"dail {args.command}: config error: {e}\n")
+    except (ValueError, FileNotFoundError) as e:
+        from dail.data import DataError
+
+        if isinstance(e, (DataError, FileNotFoundError)):
+            parser.exit(2, f"dail {args.command}: {e}\n")
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,341 @@
+"""Grading answers: math with `math-verify` under a hard timeout, multiple choice by letter.
+
+Math. The answer is extracted from the model's text by fixed rules, in order:
+1. the last `\\boxed{...}` (or `\\fbox{...}`), braces balanced;
+2. otherwise the last final-answer line: `#### 42`, `The answer is ...`, `Final answer: ...`;
+3. otherwise there is no answer and the sample is wrong.
+The extracted answer and the gold answer are compared with
+`math_verify.verify(parse(gold), parse(pred))`, gold first (verify is not symmetric). If
+math-verify says no, an exact match of normalized strings is the last chance (it catches
+plain-text answers like `Paris` that math-verify cannot parse).
+
+Why a process pool. A model can write an answer that sympy cannot finish, e.g.
+`\\boxed{9^{9^{9^{9}}}}` (measured: `verify` never returns). math-verify's own timeout uses
+`signal.alarm`, which only works on the main thread of the main interpreter. So its timeouts
+are switched off (`parsing_timeout=None`, `timeout_seconds=None`) and every comparison runs
+in a worker process instead; the parent waits at most `timeout` seconds per sample, then kills
+that worker, starts a fresh one and counts the sample as wrong. Nothing in the parent uses
+signals, so `grade_many` works from any thread. Workers are forked from a `forkserver` that
+has already imported math-verify, so replacing a killed worker costs milliseconds, not the
+~1 s sympy import; the pool lives for the whole process and is shut down at exit.
+
+Multiple choice (GPQA-style). `choice_problem` shuffles the options with a seed, writes them
+under letters A, B, C, ... and returns the problem text and the gold letter; the grader
+extracts the chosen letter by the same rules as above (boxed first, then a final-answer line)
+and compares letters. No sympy is involved, so this runs in the calling process.
+"""
+
+from __future__ import annotations
+
+import atexit
+import multiprocessing
+import os
+import random
+import re
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from multiprocessing.connection import wait as _wait_conns
+from typing import Any
+
+__all__ = ["Extracted", "extract_answer", "normalize", "grade_many", "grade", "choice_problem",
+           "extract_choice", "LETTERS"]
+
+LETTERS = "ABCDEFGHIJ"
+
+
+# ----------------------------------------------------------------------------- extraction
+
+@dataclass
+class Extracted:
+    """The answer found in a text and where it sits: `text[start:end] == answer` (before stripping)."""
+    answer: str
+    start: int
+    end: int
+
+
+_BOX = re.compile(r"\\(?:boxed|fbox)\s*\{")
+# Final-answer lines; the answer runs to the end of the line.
+_FINAL = re.compile(r"(?:####|\bfinal answer\b(?:\s+is)?|\bthe answer is)\s*[:：]?[ \t]*(\S[^\n]*)",
+                    re.IGNORECASE)
+
+
+def _boxed(text: str) -> Extracted | None:
+    """The last \\boxed{...} with balanced braces (an unclosed one is skipped)."""
+    last = None
+    for m in _BOX.finditer(text):
+        depth, i = 1, m.end()
+        while i < len(text) and depth:
+            c = text[i]
+            if c == "\\" and i + 1 < len(text):  # skip escaped braces \{ \}
+                i += 2
+                continue
+            depth += (c == "{") - (c == "}")
+            i += 1
+        if depth == 0:
+            last = Extracted(text[m.end(): i - 1], m.end(), i - 1)
+    return last
+
+
+def _strip_line_answer(s: str) -> str:
+    s = s.strip()
+    s = re.sub(r"^\*+|\*+$", "", s).strip()        # markdown bold
+    s = s.rstrip(".。").strip()
+    if len(s) >= 2 and s[0] == "$" and s[-1] == "$":  # $...$ or $$...$$
+        s = s.strip("$").strip()
+    return s
+
+
+def extract_answer(text: str) -> Extracted | None:
+    """The graded answer in `text`: last \\boxed{}, else the last final-answer line, else None."""
+    box = _boxed(text)
+    if box is not None and box.answer.strip():
+        return box
+    last = None
+    for m in _FINAL.finditer(text):
+        last = m
+    if last is None:
+        return None
+    raw = last.group(1)
+    answer = _strip_line_answer(raw)
+    if not answer:
+        return None
+    start = last.start(1) + raw.find(answer) if answer in raw else last.start(1)
+    return Extracted(answer, start, start + len(answer))
+
+
+_THOUSANDS = re.compile(r"^-?\d{1,3}(?:,\d{3})+(?:\.\d+)?$")
+
+
+def normalize(s: str) -> str:
+    """A canonical string form for the exact-match fallback (and the fast path)."""
+    s = s.strip()
+    s = re.sub(r"\\text\{([^{}]*)\}", r"\1", s)
+    s = re.sub(r"\\(?:left|right|displaystyle|,|;|!|\s)", "", s)
+    s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac").replace("{,}", ",")
+    s = s.replace("$", "").replace("\\%", "%").strip()
+    s = re.sub(r"^[a-zA-Z]\s*=\s*", "", s)  # "x = 5" -> "5"
+    s = s.rstrip(".").strip()
+    if _THOUSANDS.match(s):
+        s = s.replace(",", "")
+    s = re.sub(r"\s+", " ", s)
+    return s.lower()
+
+
+# ----------------------------------------------------------------------------- math-verify (worker side)
+
+def _verify(pred: str, gold: str) -> bool:
+    """Runs in a worker process: math-verify with its own (signal-based) timeouts switched off."""
+    from math_verify import parse, verify
+
+    gold_parsed = parse(f"\\boxed{{{gold}}}", parsing_timeout=None)
+    if not gold_parsed:
+        gold_parsed = parse(gold, parsing_timeout=None)
+    pred_parsed = parse(f"\\boxed{{{pred}}}", parsing_timeout=None)
+    if gold_parsed and pred_parsed and verify(gold_parsed, pred_parsed, timeout_seconds=None):
+        return True
+    return False
+
+
+def _worker_main(conn: Any) -> None:
+    import logging
+
+    logging.getLogger("math_verify").setLevel(logging.ERROR)  # the "timeout is disabled" warning
+    while True:
+        try:
+            msg = conn.recv()
+        except (EOFError, OSError):
+            return
+        if msg is None:
+            return
+        i, pred, gold = msg
+        try:
+            ok = _verify(pred, gold)
+        except Exception:  # noqa: BLE001 - any failure to parse or compare means "not verified"
+            ok = False
+        conn.send((i, ok))
+
+
+# ----------------------------------------------------------------------------- the pool (parent side)
+
+def _context() -> Any:
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(["math_verify", "dail.grading"])
+        return ctx
+    return multiprocessing.get_context("spawn")
+
+
+class _Worker:
+    def __init__(self, ctx: Any) -> None:
+        parent, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_worker_main, args=(child,), daemon=True, name="dail-grader")
+        self.proc.start()
+        child.close()
+        self.conn = parent
+        self.task: int | None = None
+        self.deadline = 0.0
+
+    def kill(self) -> None:
+        try:
+            self.proc.kill()
+            self.proc.join(timeout=5)
+        finally:
+            self.conn.close()
+
+    def stop(self) -> None:
+        try:
+            self.conn.send(None)
+            self.proc.join(timeout=1)
+        except (OSError, ValueError):
+            pass
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join(timeout=5)
+        self.conn.close()
+
+
+class _Pool:
+    """Worker processes that each grade one sample at a time under an outer deadline."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()  # one grade_many at a time; callers on other threads wait
+        self.ctx = None
+        self.workers: list[_Worker] = []
+        self.replaced = 0  # workers killed for running past the timeout or dying (for tests/logs)
+
+    def _ensure(self, size: int) -> None:
+        if self.ctx is None:
+            self.ctx = _context()
+        self.workers = [w for w in self.workers if w.proc.is_alive()]
+        while len(self.workers) < size:
+            self.workers.append(_Worker(self.ctx))
+
+    def _replace(self, w: _Worker) -> None:
+        w.kill()
+        self.replaced += 1
+        self.workers[self.workers.index(w)] = _Worker(self.ctx)
+
+    def run(self, tasks: list[tuple[int, str, str]], timeout: float, size: int) -> dict[int, bool]:
+        results: dict[int, bool] = {}
+        with self.lock:
+            self._ensure(size)
+            queue = deque(tasks)
+            while queue or any(w.task is not None for w in self.workers):
+                for w in list(self.workers):
+                    if w.task is None and queue:
+                        i, pred, gold = queue.popleft()
+                        try:
+                            w.conn.send((i, pred, gold))
+                        except (OSError, ValueError):  # the worker died while idle
+                            self._replace(w)
+                            queue.appendleft((i, pred, gold))
+                            continue
+                        w.task, w.deadline = i, time.monotonic() + timeout
+                busy = [w for w in self.workers if w.task is not None]
+                if not busy:
+                    continue
+                wait_s = max(0.0, min(w.deadline for w in busy) - time.monotonic())
+                ready = set(_wait_conns([w.conn for w in busy], timeout=wait_s))
+                now = time.monotonic()
+                for w in busy:
+                    if w.conn in ready:
+                        try:
+                            i, ok = w.conn.recv()
+                            results[i] = bool(ok)
+                            w.task = None
+                        except (EOFError, OSError):  # the worker crashed on this sample
+                            results[w.task] = False
+                            self._replace(w)
+                    elif now >= w.deadline:  # ran past the timeout: wrong, and a fresh worker
+                        results[w.task] = False
+                        self._replace(w)
+        return results
+
+    def close(self) -> None:
+        for w in self.workers:
+            w.stop()
+        self.workers = []
+
+
+_POOL = _Pool()
+atexit.register(_POOL.close)
+
+
+def _pool_size() -> int:
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+# ----------------------------------------------------------------------------- public API
+
+def grade_many(preds: list[str], golds: list[str], timeout: float, kind: str = "math",
+               workers: int | None = None) -> list[bool]:
+    """Grade model outputs against gold answers; one bool per pred.
+
+    preds: the model's full texts (the answer is extracted here). golds: gold answers (math) or
+    gold letters (kind="choice"). Each math comparison gets at most `timeout` seconds in a
+    worker process; past that it counts as wrong. Safe to call from any thread.
+    """
+    if len(preds) != len(golds):
+        raise ValueError(f"grade_many: {len(preds)} preds but {len(golds)} golds")
+    if kind == "choice":
+        return [extract_choice(p) == str(g).strip().upper() for p, g in zip(preds, golds)]
+    if kind != "math":
+        raise ValueError(f"grade_many: unknown kind {kind!r} (expected math|choice)")
+    out = [False] * len(preds)
+    tasks = []
+    for i, (pred, gold) in enumerate(zip(preds, golds)):
+        ex = extract_answer(pred)
+        if ex is None or gold is None:
+            continue
+        gold = str(gold)
+        if normalize(ex.answer) == normalize(gold):  # fast path and the exact-match fallback
+            out[i] = True
+        else:
+            tasks.append((i, ex.answer, gold))
+    if tasks:
+        for i, ok in _POOL.run(tasks, timeout, workers or _pool_size()).items():
+            out[i] = ok
+    return out
+
+
+def grade(pred: str, gold: str, timeout: float = 5.0, kind: str = "math") -> bool:
+    return grade_many([pred], [gold], timeout, kind)[0]
+
+
+# ----------------------------------------------------------------------------- multiple choice
+
+def choice_problem(question: str, options: list[str], correct: int, seed: int | str) -> tuple[str, str]:
+    """Shuffle `options` with `seed`, letter them, and return (problem text, gold letter).
+
+    `correct` is the index of the right option in `options` (before shuffling).
+    """
+    if not 2 <= len(options) <= len(LETTERS):
+        raise ValueError(f"choice_problem: need 2..{len(LETTERS)} options, got {len(options)}")
+    order = list(range(len(options)))
+    random.Random(f"dail-choice-{seed}").shuffle(order)
+    lines = [f"{LETTERS[j]}) {options[k].strip()}" for j, k in enumerate(order)]
+    gold = LETTERS[order.index(correct)]
+    text = (f"{question.strip()}\n\n" + "\n".join(lines) +
+            "\n\nAnswer with the letter of the correct option, e.g. \\boxed{A}.")
+    return text, gold
+
+
+_LETTER = re.compile(r"^\(?\s*(?:\\text\{\s*)?([A-J])\s*\}?\s*\)?(?:[.:)\s]|$)")
+
+
+def extract_choice(text: str) -> str | None:
+    """The chosen letter: from the last \\boxed{}, else the last final-answer line."""
+    ex = extract_answer(text)
+    if ex is None:
+        m = None
+        for m in re.finditer(r"\banswer\s*[:：]\s*(\S[^\n]*)", text, re.IGNORECASE):
+            pass
+        if m is None:
+            return None
+        ans = _strip_line_answer(m.group(1))
+    else:
+        ans = ex.answer.strip()
+    m = _LETTER.match(ans.strip())
+    return m.group(1) if m else None

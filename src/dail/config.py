@@ -133,6 +133,18 @@ class TrainConfig:
                          "positions at a time, so memory does not grow with 3 x T x V.")
     max_length: int = _f(2048, "Skip examples whose longest role context + trajectory exceeds this.")
     seed: int = _f(0, "Seed for LoRA init and data order.")
+    gradient_checkpointing: bool = _f(False, "Recompute the decoder's activations in the backward pass "
+                                      "(less memory, about 30% more compute).")
+    save_every: int = _f(50, "Write a resumable checkpoint (adapter, optimizer, scheduler, step, RNG) to "
+                         "<out>/checkpoint every this many optimizer steps (0 = only at the end).")
+    resume: bool = _f(False, "Continue from <out>/checkpoint if it exists.")
+    merge: bool = _f(False, "Also write <out>/merged: the base model with the adapter merged in, plus "
+                     "the tokenizer (a plain transformers checkpoint).")
+    report_to: str = _f("tensorboard", "Where step metrics go besides the console and metrics.jsonl: "
+                        "tensorboard (skipped silently if not installed) | wandb | none.")
+    ref_cache: bool = _f(False, "Cache the teacher's and negative reference's final hidden states (H "
+                         "numbers per trajectory token, <out>/ref_cache) in one pass before training, "
+                         "so each step runs only the student. Beyond the paper.")
 
     def __post_init__(self) -> None:
         _check(self.loss in ("contrastive", "nll", "sft"), "loss",
@@ -152,6 +164,16 @@ class TrainConfig:
                f"must be a multiple of micro_batch_size ({self.micro_batch_size})")
         _check(self.epochs > 0, "epochs", "must be > 0")
         _check(self.chunk_size > 0, "chunk_size", "must be > 0")
+        _check(self.max_length > 0, "max_length", "must be > 0")
+        _check(self.max_steps >= 0, "max_steps", "must be >= 0 (0 = run all epochs)")
+        _check(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+        _check(self.max_grad_norm >= 0, "max_grad_norm", "must be >= 0 (0 = no clipping)")
+        _check(self.save_every >= 0, "save_every", "must be >= 0 (0 = only at the end)")
+        _check(self.report_to in ("tensorboard", "wandb", "none"), "report_to",
+               f"expected tensorboard|wandb|none, got {self.report_to!r}")
+        _check("lm_head" not in self.target_modules, "target_modules",
+               "'lm_head' cannot get LoRA: the three roles share the LM head, and the loss builds "
+               "logits from its base weight")
 
 
 @dataclass

@@ -1,0 +1,269 @@
+"""Stage 2 on the tiny random model: the loop, the role switch, normalization, resume, failures."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dail.config import ConfigError, ModelConfig, TrainConfig
+from dail.prompts import end_of_turn_ids
+
+PROBLEMS = [
+    ("Tom has 3 apples and buys 4 more. How many apples does he have?", "3+4=7. #### 7", "x = 3 + 4 = 7 \\boxed{7}"),
+    ("Tom has 6 apples and buys 6 more. How many apples does he have?", "6+6=12. #### 12", "6 + 6 = 12 \\boxed{12}"),
+    ("Tom has 12 apples and buys 12 more. How many?", "12+12=24. #### 24", "the answer is 24 \\boxed{24}"),
+    ("An apple costs 2. How much do 4 apples cost?", "2*4=8. #### 8", "2 * 4 = 8 so \\boxed{8}"),
+    ("Tom has 9 apples and eats 2. How many are left?", "9-2=7. #### 7", "9 - 2 = 7 \\boxed{7}"),
+    ("x = 5 + 3. What is x?", "5+3=8. #### 8", "x is 8 \\boxed{8}"),
+]
+
+
+def write_synthetic(path: Path, tok, n: int = 6) -> Path:
+    eot = tok.convert_tokens_to_ids("<|im_end|>")
+    with open(path, "w", encoding="utf-8") as fh:
+        for i, (problem, solution, traj) in enumerate(PROBLEMS[:n]):
+            ids = tok(traj, add_special_tokens=False)["input_ids"] + [eot]
+            rec = {"id": f"p{i}", "problem": problem, "solution": solution, "answer": solution.split()[-1],
+                   "landmarks": None if i % 2 else ["7"], "trajectory": traj, "trajectory_ids": ids,
+                   "teacher_mask": [0] * len(ids), "finish_reason": "stop", "sample_index": 0, "correct": None}
+            fh.write(json.dumps(rec) + "\n")
+    return path
+
+
+@pytest.fixture()
+def synth(tmp_path, tiny_tok):
+    return write_synthetic(tmp_path / "synthetic.jsonl", tiny_tok)
+
+
+def _cfg(tiny_dir, data, out, **kw) -> TrainConfig:
+    base = dict(model=ModelConfig(name=str(tiny_dir), device="cpu"), data=str(data), out=str(out), lr=5e-2,
+                batch_size=4, micro_batch_size=2, epochs=2, lora_r=4, lora_alpha=8, warmup_steps=1,
+                report_to="none", save_every=0, gamma=0.2)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _adapter_weights(folder: Path) -> dict:
+    from safetensors.torch import load_file
+    return load_file(str(folder / "adapter_model.safetensors"))
+
+
+def test_contrastive_training_writes_loadable_adapter_and_role_switch_holds(tiny_dir, synth, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from dail.models import adapter_off
+    from dail.training import train
+
+    out = tmp_path / "run"
+    adapter = train(_cfg(tiny_dir, synth, out, merge=True))
+    assert adapter == out / "adapter"
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]  # 6 examples × 2 epochs / 4 per step
+    for r in rows:
+        assert {"loss", "kl_teacher", "kl_negative", "lr", "grad_norm", "tokens_per_s"} <= set(r)
+        assert r["loss"] == pytest.approx(r["kl_teacher"] - 0.2 * r["kl_negative"], rel=1e-4, abs=1e-5)
+    assert (out / "config.yaml").exists() and (out / "checkpoint" / "COMPLETE").exists()
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_dir).eval()
+    ids = torch.tensor([[5, 17, 42, 99, 3, 250, 7]])
+    with torch.no_grad():
+        base_logits = base(ids).logits
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dir), adapter).eval()
+    with torch.no_grad():
+        on = model(ids).logits
+        with adapter_off(model):
+            off = model(ids).logits
+    torch.testing.assert_close(off, base_logits)  # teacher / NR role == the base model, after training
+    assert (on - base_logits).abs().max() > 1e-3  # and the trained student differs
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, on, rtol=1e-4, atol=1e-4)
+
+
+def test_live_teacher_hidden_equals_base_model_during_training(tiny, synth, tmp_path):
+    """reference_hidden (adapter off, inside the training model) == plain base forwards."""
+    from dail.models import attach_lora
+    from dail.training import build_sequences, collate, reference_hidden, role_hidden
+
+    model, tok = tiny
+    cfg = _cfg("unused", synth, tmp_path)
+    seqs = build_sequences(cfg, tok)
+    batch = collate(seqs[:3], tok.pad_token_id, ("student", "teacher", "negative"))
+    T = batch.targets.shape[1]
+    with torch.no_grad():
+        want_t = role_hidden(model, batch.inputs["teacher"], T)
+        want_n = role_hidden(model, batch.inputs["negative"], T)
+    peft = attach_lora(model, 4, 8, 0.0, ["q_proj", "v_proj"])
+    with torch.no_grad():
+        for p in peft.parameters():
+            if p.requires_grad:
+                p.add_(0.5)  # a LoRA that visibly changes the model
+    h_t, h_n = reference_hidden(peft, batch)
+    torch.testing.assert_close(h_t, want_t)
+    torch.testing.assert_close(h_n, want_n)
+    with torch.no_grad():
+        h_s_teacher_ctx = role_hidden(peft, batch.inputs["teacher"], T)  # adapter on
+    assert (h_s_teacher_ctx - want_t)[batch.mask].abs().max() > 1e-3
+
+
+def test_alignment_position_t_predicts_target_t(tiny, synth, tmp_path):
+    """The gathered hidden state at target position t equals the model's own output before token t."""
+    from dail.training import build_sequences, collate, role_hidden, lm_head_params
+
+    model, tok = tiny
+    seqs = build_sequences(_cfg("unused", synth, tmp_path), tok)
+    s = seqs[1]
+    batch = collate([seqs[0], s], tok.pad_token_id, ("student", "teacher", "negative"))
+    T = batch.targets.shape[1]
+    for role in ("student", "teacher", "negative"):
+        with torch.no_grad():
+            h = role_hidden(model, batch.inputs[role], T)[1, : len(s.target)]
+            W, _ = lm_head_params(model)
+            logits = h @ W.T
+            full = model(torch.tensor([s.contexts[role] + s.target])).logits[0]
+        n = len(s.contexts[role])
+        torch.testing.assert_close(logits, full[n - 1: n - 1 + len(s.target)], rtol=1e-4, atol=1e-4)
+    assert s.target[-1] in end_of_turn_ids(tok)
+
+
+def test_one_batch_of_4_equals_4_microbatches_of_1(tiny, synth, tmp_path):
+    from dail.models import attach_lora
+    from dail.training import batch_loss, build_sequences, collate
+
+    model, tok = tiny
+    torch.manual_seed(0)
+    peft = attach_lora(model, 4, 8, 0.0, ["q_proj", "v_proj"])
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)  # B = 0 at init would make the student equal the teacher
+    cfg = _cfg("unused", synth, tmp_path, gamma=0.3)
+    seqs = build_sequences(cfg, tok)[:4]
+    assert len({len(s.target) for s in seqs}) > 1  # different lengths, so padding is exercised
+    roles = ("student", "teacher", "negative")
+    params = [p for p in peft.parameters() if p.requires_grad]
+
+    big = batch_loss(peft, collate(seqs, tok.pad_token_id, roles), cfg)
+    loss_big = big.loss / big.count
+    grads_big = torch.autograd.grad(loss_big, params)
+
+    micro = [collate([s], tok.pad_token_id, roles) for s in seqs]
+    n_tokens = sum(int(b.mask.sum()) for b in micro)
+    total, naive = 0.0, 0.0
+    grads = [torch.zeros_like(p) for p in params]
+    for b in micro:
+        t = batch_loss(peft, b, cfg)
+        total = total + t.loss.detach() / n_tokens
+        naive = naive + float(t.loss.detach()) / int(t.count) / len(micro)  # the per-micro-batch mean: wrong
+        for g, d in zip(grads, torch.autograd.grad(t.loss / n_tokens, params)):
+            g += d
+    torch.testing.assert_close(total, loss_big.detach(), rtol=1e-5, atol=1e-6)
+    for a, b in zip(grads, grads_big):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert abs(naive - float(loss_big)) > 1e-4  # the test can tell the two normalizations apart
+
+
+def test_nll_and_sft_run(tiny_dir, synth, tmp_path):
+    from peft import PeftConfig
+
+    from dail.training import train
+
+    adapter = train(_cfg(tiny_dir, synth, tmp_path / "nll", loss="nll", max_steps=2))
+    assert PeftConfig.from_pretrained(adapter).r == 4
+    rows = [json.loads(x) for x in (tmp_path / "nll" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(r["loss"] > 0 for r in rows)
+
+    expert = tmp_path / "expert.jsonl"
+    expert.write_text("".join(json.dumps({"id": f"e{i}", "problem": p, "solution": s}) + "\n"
+                              for i, (p, s, _) in enumerate(PROBLEMS)))
+    adapter = train(_cfg(tiny_dir, expert, tmp_path / "sft", loss="sft", max_steps=2))
+    assert (adapter / "adapter_model.safetensors").exists()
+
+
+def test_gamma_at_least_one_needs_a_cap(tiny_dir, synth, tmp_path):
+    with pytest.raises(ConfigError, match="gamma.*unbounded"):
+        _cfg(tiny_dir, synth, tmp_path, gamma=1.0)
+    _cfg(tiny_dir, synth, tmp_path, gamma=1.5, neg_cap=2.0)  # allowed with a cap
+    with pytest.raises(ConfigError, match="lm_head"):
+        _cfg(tiny_dir, synth, tmp_path, target_modules=["q_proj", "lm_head"])
+
+
+def test_resume_equals_uninterrupted(tiny_dir, synth, tmp_path, monkeypatch):
+    import dail.training as training
+
+    full = training.train(_cfg(tiny_dir, synth, tmp_path / "full", epochs=3, save_every=2))
+
+    # The same run, killed during optimizer step 3 (after the checkpoint at step 2) ...
+    real, calls = training.batch_loss, {"n": 0}
+
+    def dies_in_step_3(*args, **kw):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise KeyboardInterrupt
+        return real(*args, **kw)
+
+    part = tmp_path / "part"
+    monkeypatch.setattr(training, "batch_loss", dies_in_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        training.train(_cfg(tiny_dir, synth, part, epochs=3, save_every=2))
+    monkeypatch.setattr(training, "batch_loss", real)
+    assert torch.load(part / "checkpoint" / "state.pt", weights_only=False)["step"] == 2
+    # ... then resumed.
+    resumed = training.train(_cfg(tiny_dir, synth, part, epochs=3, save_every=2, resume=True))
+    a, b = _adapter_weights(full), _adapter_weights(resumed)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    rows = [json.loads(x) for x in (part / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
+    full_rows = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    for key in ("loss", "lr", "kl_negative"):
+        assert [r[key] for r in rows] == pytest.approx([r[key] for r in full_rows], rel=1e-5)
+
+    # Resuming with a longer run (max_steps raised) follows the new schedule from step 3 on.
+    longer = training.train(_cfg(tiny_dir, synth, tmp_path / "part", epochs=3, max_steps=7, save_every=2,
+                                 resume=True))
+    assert len((tmp_path / "part" / "metrics.jsonl").read_text().splitlines()) == 7
+    assert longer.exists()
+
+
+def test_non_finite_loss_stops_and_keeps_checkpoint(tiny_dir, synth, tmp_path, monkeypatch):
+    import dail.training as training
+
+    real = training.batch_loss
+    calls = {"n": 0}
+
+    def poisoned(model, batch, cfg, refs=None):
+        calls["n"] += 1
+        t = real(model, batch, cfg, refs)
+        if calls["n"] > 4:  # micro-batches 5+ = optimizer step 3
+            return t._replace(kl_negative=t.kl_negative * float("nan"), loss=t.loss * float("nan"))
+        return t
+
+    monkeypatch.setattr(training, "batch_loss", poisoned)
+    out = tmp_path / "run"
+    with pytest.raises(RuntimeError, match=r"step 3: loss is nan .*last good checkpoint is .*checkpoint"):
+        training.train(_cfg(tiny_dir, synth, out, epochs=4, save_every=2))
+    state = torch.load(out / "checkpoint" / "state.pt", weights_only=False)
+    assert state["step"] == 2
+    weights = _adapter_weights(out / "checkpoint" / "adapter")
+    assert all(torch.isfinite(v).all() for v in weights.values())
+    assert not (out / "adapter").exists()
+
+
+def test_ref_cache_equals_live(tiny_dir, synth, tmp_path):
+    from dail.training import train
+
+    live = train(_cfg(tiny_dir, synth, tmp_path / "live", max_steps=3))
+    cached = train(_cfg(tiny_dir, synth, tmp_path / "cached", max_steps=3, ref_cache=True))
+    assert (tmp_path / "cached" / "ref_cache" / "meta.json").exists()
+    a, b = _adapter_weights(live), _adapter_weights(cached)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)

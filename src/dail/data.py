@@ -317,3 +317,119 @@ def append_record(fh: Any, record: dict) -> None:
     fh.write(json.dumps(record, ensure_ascii=False) + "\n")
     fh.flush()
     os.fsync(fh.fileno())
+
+
+# ----------------------------------------------------------------------------- benchmark files
+
+# Column names tried, in order, for each field of a local benchmark file (first one present wins;
+# `fields` overrides). These cover the usual releases:
+#   AIME 2024/2025 (HuggingFaceH4/aime_2024, yentinglin/aime_2025, math-ai/aime25,
+#     opencompass/AIME2025, Maxwell-Jia/AIME_2024): id|ID, problem|Problem|question, answer|Answer
+#   BeyondAIME (ByteDance-Seed/BeyondAIME): problem, answer
+#   IMO-AnswerBench (google-deepmind/superhuman, answerbench.csv): Problem ID, Problem, Short Answer
+#   GPQA-Diamond (Idavidrein/gpqa, gpqa_diamond.csv): Record ID, Question, Correct Answer,
+#     Incorrect Answer 1..3 -> multiple choice, meta = {choices: [correct, wrong...], correct: 0}
+BENCHMARK_FIELDS: dict[str, tuple[str, ...]] = {
+    "id": ("id", "ID", "Problem ID", "problem_id", "Record ID", "unique_id", "idx"),
+    "problem": ("problem", "Problem", "question", "Question"),
+    "answer": ("answer", "Answer", "Short Answer", "short_answer", "final_answer", "expected_answer"),
+    "solution": ("solution", "Solution", "Explanation"),
+    "correct": ("Correct Answer", "correct_answer"),
+    "choices": ("choices", "options"),
+}
+
+
+def _benchmark_rows(path: Path) -> list[dict]:
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path).to_pylist()
+    if suffix == ".csv":
+        import csv
+
+        with open(path, newline="", encoding="utf-8") as fh:
+            return list(csv.DictReader(fh))
+    rows = []
+    for lineno, text in _lines(path):
+        try:
+            rows.append(json.loads(text))
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+    return rows
+
+
+def load_benchmark(path: str | Path, fields: dict | None = None) -> list[Example]:
+    """A local benchmark file (JSONL, Parquet or CSV) as examples to evaluate on.
+
+    Unlike an expert set, `solution` is optional (it is "" when absent) and `answer` is
+    required. Columns are found through BENCHMARK_FIELDS; `fields` ({our name: column})
+    overrides. Multiple choice: a `Correct Answer` column plus `Incorrect Answer N` columns
+    (GPQA), or a `choices` list with `answer` as a letter or 0-based index; the example then
+    carries meta = {"choices": [...], "correct": index} and its answer is the correct option.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: file not found")
+    rows = _benchmark_rows(path)
+    if not rows:
+        raise DataError(f"{path}: no rows (the file is empty)")
+    columns = list(rows[0]) if isinstance(rows[0], dict) else []
+    mapping = {}
+    for key, names in BENCHMARK_FIELDS.items():
+        found = next((n for n in names if n in columns), None)
+        if found is not None:
+            mapping[key] = found
+    mapping.update(fields or {})
+    if "problem" not in mapping:
+        raise DataError(f"{path}: no problem column (tried {', '.join(BENCHMARK_FIELDS['problem'])}; columns: "
+                        f"{', '.join(columns)}); set data.fields.problem")
+    wrong_cols = sorted((c for c in columns if re.fullmatch(r"Incorrect Answer \d+", c)),
+                        key=lambda c: int(c.rsplit(" ", 1)[1]))
+    out = []
+    for i, row in enumerate(rows):
+        where = f"{path} row {i + 1}"
+        if not isinstance(row, dict):
+            raise DataError(f"{where}: expected an object, got {type(row).__name__}")
+
+        def get(key: str) -> Any:
+            col = mapping.get(key)
+            value = row.get(col) if col is not None else None
+            return None if value is None or (isinstance(value, str) and not value.strip()) else value
+
+        problem = get("problem")
+        if not isinstance(problem, str):
+            raise DataError(f"{where}: field 'problem' (column {mapping['problem']!r}): expected a non-empty "
+                            f"string, got {problem!r}")
+        meta: dict = {"source": path.name}
+        if get("correct") is not None:
+            choices = [str(get("correct")).strip()] + [str(row[c]).strip() for c in wrong_cols
+                                                       if row.get(c) not in (None, "")]
+            meta |= {"choices": choices, "correct": 0}
+            answer = choices[0]
+        elif get("choices") is not None:
+            choices = [str(c) for c in get("choices")]
+            raw = get("answer")
+            if isinstance(raw, str) and len(raw.strip()) == 1 and raw.strip().upper().isalpha():
+                idx = ord(raw.strip().upper()) - ord("A")
+            elif isinstance(raw, int) or (isinstance(raw, str) and raw.strip().isdigit()):
+                idx = int(raw)
+            else:
+                raise DataError(f"{where}: field 'answer': with choices, expected a letter or 0-based index, "
+                                f"got {raw!r}")
+            if not 0 <= idx < len(choices):
+                raise DataError(f"{where}: field 'answer': {raw!r} is not one of {len(choices)} choices")
+            meta |= {"choices": choices, "correct": idx}
+            answer = choices[idx]
+        else:
+            answer = get("answer")
+            if answer is None:
+                raise DataError(f"{where}: field 'answer' (column {mapping.get('answer')!r}): missing; every "
+                                "benchmark problem needs a gold answer (set data.fields.answer)")
+            answer = str(answer).strip()
+        ex_id = get("id")
+        solution = get("solution")
+        out.append(Example(id=str(ex_id) if ex_id is not None else f"{path.stem}-{i}", problem=problem.strip(),
+                           solution=str(solution).strip() if solution is not None else "", answer=answer,
+                           meta=meta))
+    return _check_unique((ex, f"{path} row {i + 1}") for i, ex in enumerate(out))

@@ -1,0 +1,392 @@
+"""Evaluation: n samples per problem, graded, summarized as pass@k by k and by token budget.
+
+`evaluate(cfg)` (DESIGN.md "Evaluation"):
+- draws `cfg.n` samples per problem with `dail.decoding.decode` (plain sampling on the student
+  prompt, stop at end-of-turn). Each (problem, sample) has its own generator, seeded from
+  (run seed, id, sample index), so results do not depend on batching, order or sharding. All
+  n samples of a problem go into one batch where they fit, so the prompt is prefilled once;
+- grades each sample (`dail.grading`: math-verify in a killable process pool, or letters for
+  multiple choice) at every token budget. Budgets come from the one run at the largest budget:
+  for budget b the token ids are cut at b, decoded and graded again. That is exact for plain
+  sampling, since the first b tokens have the same distribution whatever the limit;
+- writes `<out>/samples.jsonl` (one record per sample, appended and flushed; a rerun skips
+  the (id, sample_index) pairs already there and repairs a torn last line),
+  `<out>/summary.json` and `<out>/config.yaml`.
+
+Problems come from `cfg.data` (the same loaders as the expert set), except that an existing
+`.jsonl`, `.parquet` or `.csv` file is read with `dail.data.load_benchmark`, which needs only a
+problem and an answer (AIME, BeyondAIME, IMO-AnswerBench, GPQA-Diamond; column mapping in
+`dail.data.BENCHMARK_FIELDS`, overridable with `data.fields`). Multiple-choice problems
+(GPQA) get their options shuffled per (problem, sample) with the sample's seed, so a
+position bias of the model averages out over the n samples instead of repeating.
+
+Under `accelerate launch` each rank takes every world-th problem (`dail.dist`), writes its own
+shard, and rank 0 merges the shards and writes the summary, which then equals a
+single-process run.
+
+`answer_token_index` is the index of the token where the graded answer first appears in the
+sample: the first standalone occurrence of the extracted answer string (it is often written
+before the final `\\boxed{}`), else the start of the extracted answer. It is null when no
+answer was extracted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from dail import dist
+from dail.config import EvalConfig, save, to_dict
+from dail.data import Example, append_record, load_benchmark, load_examples, read_records
+from dail.decoding import decode, generator_for, sample_seed
+from dail.grading import choice_problem, extract_answer, extract_choice, grade_many
+from dail.prompts import end_of_turn_ids, render, student_messages
+
+log = logging.getLogger(__name__)
+
+__all__ = ["pass_at_k", "bootstrap_ci", "evaluate", "load_problems", "summarize", "ks_for"]
+
+BOOTSTRAP_RESAMPLES = 1000
+BOOTSTRAP_CONFIDENCE = 0.95
+# Fields whose change makes earlier samples in the same output folder invalid.
+_SAMPLING_FIELDS = ("model", "adapter", "data", "temperature", "top_p", "max_new_tokens", "seed")
+
+
+# ----------------------------------------------------------------------------- pass@k
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples of which c are correct: 1 - C(n-c, k) / C(n, k).
+
+    Computed as 1 - prod_{i=n-c+1}^{n} (1 - k/i), which never forms the huge binomials.
+    (Expand C(n-c,k)/C(n,k) = prod_{j=0}^{k-1} (n-c-j)/(n-j) and cancel: what remains is the
+    product over the c largest denominators.) Worked case: n=16, c=4, k=4 gives
+    1 - (12/16)(11/15)(10/14)(9/13) = 1 - 11880/43680 = 265/364.
+    """
+    if not (n >= 1 and 0 <= c <= n and 1 <= k <= n):
+        raise ValueError(f"pass_at_k: need n >= 1, 0 <= c <= n, 1 <= k <= n; got n={n}, c={c}, k={k}")
+    if n - c < k:  # every k-subset contains a correct sample
+        return 1.0
+    prod = 1.0
+    for i in range(n - c + 1, n + 1):
+        prod *= 1.0 - k / i
+    return 1.0 - prod
+
+
+def bootstrap_ci(values: np.ndarray, resamples: int = BOOTSTRAP_RESAMPLES,
+                 confidence: float = BOOTSTRAP_CONFIDENCE, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Percentile bootstrap CI of the mean over problems.
+
+    values: (P,) or (P, K) per-problem scores. Resamples problems with replacement (the same
+    draws for every column, so curves stay consistent). Returns (low, high), each (K,) or scalar.
+    """
+    v = np.asarray(values, dtype=np.float64)
+    squeeze = v.ndim == 1
+    v = v.reshape(len(v), -1)                                     # (P, K)
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(v), size=(resamples, len(v)))       # (R, P)
+    means = v[idx].mean(axis=1)                                   # (R, K)
+    alpha = (1 - confidence) / 2
+    lo, hi = np.quantile(means, [alpha, 1 - alpha], axis=0)
+    return (lo[0], hi[0]) if squeeze else (lo, hi)
+
+
+def ks_for(n: int, ks: list[int]) -> list[int]:
+    """The requested ks plus every power of two up to n and n itself (for pass@k curves)."""
+    return sorted({int(k) for k in ks} | {2 ** i for i in range(int(math.log2(n)) + 1)} | {n})
+
+
+# ----------------------------------------------------------------------------- problems
+
+def load_problems(data: Any) -> list[Example]:
+    """Problems to evaluate: a local benchmark file, or any expert-set source. Needs answers."""
+    source = data.source
+    if os.path.isfile(source) and source.lower().endswith((".jsonl", ".json", ".parquet", ".csv")):
+        problems = load_benchmark(source, data.fields)
+        problems = problems[: data.limit] if data.limit else problems
+    else:
+        problems = load_examples(data)
+    graded = [ex for ex in problems if ex.answer is not None]
+    if len(graded) < len(problems):
+        log.warning("%s: %d of %d problems have no gold answer and are skipped", source,
+                    len(problems) - len(graded), len(problems))
+    if not graded:
+        raise ValueError(f"{source}: no problem has a gold answer, so nothing can be graded")
+    return graded
+
+
+def dataset_name(source: str) -> str:
+    if source.startswith("hf:"):
+        return source[3:]
+    return Path(source).stem if (os.path.exists(source) or "/" in source) else source
+
+
+def _prompt(ex: Example, sample_index: int, seed: int) -> tuple[str, str, str]:
+    """(problem text shown to the model, gold answer, kind) for one sample."""
+    choices = ex.meta.get("choices") if isinstance(ex.meta, dict) else None
+    if choices:
+        text, letter = choice_problem(ex.problem, choices, int(ex.meta.get("correct", 0)),
+                                      seed=sample_seed(seed, ex.id, sample_index))
+        return text, letter, "choice"
+    return ex.problem, str(ex.answer), "math"
+
+
+# ----------------------------------------------------------------------------- grading records
+
+def _decode_text(tok: Any, ids: list[int]) -> str:
+    return tok.decode(ids, skip_special_tokens=True)
+
+
+def _char_to_token(tok: Any, ids: list[int], char: int) -> int:
+    """Index of the token whose text covers character `char` of decode(ids) (binary search)."""
+    lo, hi = 1, len(ids)
+    while lo < hi:  # smallest k with len(decode(ids[:k])) > char
+        mid = (lo + hi) // 2
+        if len(_decode_text(tok, ids[:mid])) > char:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo - 1
+
+
+def answer_token_index(tok: Any, ids: list[int], text: str) -> int | None:
+    ex = extract_answer(text)
+    if ex is None or not ids:
+        return None
+    answer = ex.answer.strip()
+    first = re.search(r"(?<![\w.])" + re.escape(answer) + r"(?![\w])", text) if answer else None
+    char = first.start() if first is not None and first.start() < ex.start else ex.start
+    return _char_to_token(tok, ids, char)
+
+
+def grade_records(records: list[dict], budgets: list[int], tok: Any, timeout: float) -> None:
+    """Fill `correct`, `correct_at_budget` (missing budgets only) and `answer_token_index` in place.
+
+    Every (record, budget) that needs a grade goes into one grade_many call per kind. A budget
+    at or past the sample's length reuses the full-length grade.
+    """
+    jobs: dict[str, list[tuple[dict, str | None, str]]] = {"math": [], "choice": []}
+    for r in records:
+        r.setdefault("correct_at_budget", {})
+        if r.get("correct") is None:
+            jobs[r["kind"]].append((r, None, r["text"]))
+        for b in budgets:
+            if str(b) in r["correct_at_budget"] or b >= r["n_tokens"]:
+                continue
+            jobs[r["kind"]].append((r, str(b), _decode_text(tok, r["token_ids"][:b])))
+    for kind, items in jobs.items():
+        if not items:
+            continue
+        grades = grade_many([t for _, _, t in items], [r["gold"] for r, _, _ in items], timeout, kind=kind)
+        for (r, b, _), ok in zip(items, grades):
+            if b is None:
+                r["correct"] = bool(ok)
+            else:
+                r["correct_at_budget"][b] = bool(ok)
+    for r in records:
+        for b in budgets:
+            if b >= r["n_tokens"]:
+                r["correct_at_budget"][str(b)] = r["correct"]
+        if "answer_token_index" not in r:
+            r["answer_token_index"] = answer_token_index(tok, r["token_ids"], r["text"])
+        if "answer" not in r:
+            if r["kind"] == "choice":
+                r["answer"] = extract_choice(r["text"])
+            else:
+                ex = extract_answer(r["text"])
+                r["answer"] = ex.answer if ex is not None else None
+
+
+# ----------------------------------------------------------------------------- summary
+
+def summarize(records: list[dict], problem_ids: list[str], n: int, ks: list[int], budgets: list[int],
+              seed: int = 0) -> dict:
+    """pass@k (mean over problems, bootstrap CI) by k and by budget, plus token statistics."""
+    by_id: dict[str, list[dict]] = {pid: [] for pid in problem_ids}
+    for r in records:
+        if r["id"] in by_id and r["sample_index"] < n:
+            by_id[r["id"]].append(r)
+    short = [pid for pid, rs in by_id.items() if len(rs) < n]
+    if short:
+        raise ValueError(f"summary: {len(short)} problems have fewer than n={n} samples (e.g. {short[0]!r}); "
+                         "rerun evaluate to finish them")
+    ks = ks_for(n, ks)
+    out_budgets: dict[str, Any] = {}
+    for b in budgets:
+        counts = [sum(bool(r["correct_at_budget"][str(b)]) for r in by_id[pid]) for pid in problem_ids]
+        table = np.array([[pass_at_k(n, c, k) for k in ks] for c in counts])  # (P, K)
+        lo, hi = bootstrap_ci(table, seed=seed)
+        mean = table.mean(axis=0)
+        out_budgets[str(b)] = {
+            "pass_at_k": {str(k): {"mean": float(mean[j]), "ci_low": float(lo[j]), "ci_high": float(hi[j])}
+                          for j, k in enumerate(ks)},
+            "mean_tokens": float(np.mean([min(r["n_tokens"], b) for rs in by_id.values() for r in rs])),
+            "correct_samples": int(sum(counts)),
+        }
+    top = str(max(budgets))
+    samples = [r for rs in by_id.values() for r in rs]
+    finish: dict[str, int] = {}
+    for r in samples:
+        finish[r["finish_reason"]] = finish.get(r["finish_reason"], 0) + 1
+    found = [r["answer_token_index"] for r in samples if r.get("answer_token_index") is not None]
+    return {
+        "n_problems": len(problem_ids), "n": n, "ks": ks, "budgets": list(budgets),
+        "n_samples": len(samples),
+        "pass_at_k": out_budgets[top]["pass_at_k"],
+        "by_budget": out_budgets,
+        "mean_tokens": float(np.mean([r["n_tokens"] for r in samples])),
+        "correct_samples": out_budgets[top]["correct_samples"],
+        "finish_reasons": finish,
+        "answer_found_fraction": len(found) / len(samples),
+        "mean_answer_token_index": float(np.mean(found)) if found else None,
+        "per_problem_correct": {pid: sum(bool(r["correct"]) for r in by_id[pid]) for pid in problem_ids},
+        "bootstrap": {"resamples": BOOTSTRAP_RESAMPLES, "confidence": BOOTSTRAP_CONFIDENCE, "over": "problems",
+                      "seed": seed},
+    }
+
+
+# ----------------------------------------------------------------------------- sampling
+
+def _batches(todo: list[tuple[Example, int]], batch_size: int) -> list[list[tuple[Example, int]]]:
+    """Pack work items into batches, keeping each problem's samples together where they fit."""
+    groups: dict[str, list[tuple[Example, int]]] = {}
+    for ex, j in todo:
+        groups.setdefault(ex.id, []).append((ex, j))
+    batches, cur = [], []
+    for group in groups.values():
+        while group:
+            # Start a new batch when the whole group fits in one but not in what is left here;
+            # a group larger than a batch cannot stay together anyway, so it fills the gap.
+            if cur and len(cur) + len(group) > batch_size and len(group) <= batch_size:
+                batches.append(cur)
+                cur = []
+            take = group[: batch_size - len(cur)]
+            cur, group = cur + take, group[len(take):]
+            if len(cur) == batch_size:
+                batches.append(cur)
+                cur = []
+    if cur:
+        batches.append(cur)
+    return batches
+
+
+def _check_resume(out: Path, cfg: EvalConfig) -> None:
+    """Refuse to mix samples made under different sampling settings in one folder."""
+    old_path = out / "config.yaml"
+    if not old_path.exists():
+        return
+    import yaml
+
+    old = yaml.safe_load(old_path.read_text(encoding="utf-8")) or {}
+    new = to_dict(cfg)
+    for f in _SAMPLING_FIELDS:
+        if f in old and old[f] != new[f]:
+            raise ValueError(f"{out}: already holds samples made with a different '{f}' ({old[f]!r}, now "
+                             f"{new[f]!r}); use another --out or delete the folder")
+
+
+def _load(cfg: EvalConfig, rank: int, world_size: int) -> Any:
+    import torch
+
+    from dail.models import load_adapter_for_inference, load_model
+
+    device = None
+    if world_size > 1 and cfg.model.device == "auto" and torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
+    model = load_model(cfg.model, device)
+    if cfg.adapter:
+        model = load_adapter_for_inference(model, cfg.adapter)
+    return model
+
+
+def evaluate(cfg: EvalConfig, model: Any = None, tokenizer: Any = None, label: str | None = None,
+             rank: int | None = None, world_size: int | None = None) -> dict:
+    """Sample, grade and summarize; returns the summary (also written to <out>/summary.json).
+
+    `model` (already carrying any adapter) and `tokenizer` may be passed in; otherwise they
+    are loaded from cfg.model (+ cfg.adapter). `rank`/`world_size` default to the
+    `accelerate launch` ones; on ranks other than 0 the summary is read back after rank 0 wrote it.
+    """
+    from dail.models import load_tokenizer, model_label
+
+    if rank is None or world_size is None:
+        rank, world_size = dist.world()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    samples_path = out / "samples.jsonl"
+    _check_resume(out, cfg)
+    if rank == 0:
+        save(cfg, out / "config.yaml")
+    tok = tokenizer if tokenizer is not None else load_tokenizer(cfg.model)
+    budgets = sorted({int(b) for b in cfg.budgets} | {cfg.max_new_tokens})
+    problems = load_problems(cfg.data)
+    mine = dist.shard(problems, rank, world_size)
+    shard_file = dist.shard_path(samples_path, rank, world_size)
+    done = {(r["id"], r["sample_index"]) for r in read_records(shard_file)}
+    if world_size > 1:  # records merged by an earlier run
+        done |= {(r["id"], r["sample_index"]) for r in read_records(samples_path)}
+    todo = [(ex, j) for ex in mine for j in range(cfg.n) if (ex.id, j) not in done]
+
+    if todo:
+        if model is None:
+            model = _load(cfg, rank, world_size)
+        stop_ids = end_of_turn_ids(tok)
+        t0, n_tok = time.perf_counter(), 0
+        bar = tqdm(total=len(todo), desc=f"eval {out.name}", unit="sample", disable=rank != 0)
+        with open(shard_file, "a", encoding="utf-8") as fh:
+            for batch in _batches(todo, cfg.batch_size):
+                shown = [_prompt(ex, j, cfg.seed) for ex, j in batch]
+                prompts = [render(tok, student_messages(text)) for text, _, _ in shown]
+                decoded = decode(model, prompts, generators=[generator_for(cfg.seed, ex.id, j) for ex, j in batch],
+                                 max_new_tokens=cfg.max_new_tokens, stop_ids=stop_ids, pad_id=tok.pad_token_id,
+                                 temperature=cfg.temperature, top_p=cfg.top_p)
+                records = [{"id": ex.id, "sample_index": j, "kind": kind, "gold": gold,
+                            "text": _decode_text(tok, d.tokens), "n_tokens": len(d.tokens),
+                            "finish_reason": d.finish_reason, "token_ids": d.tokens}
+                           for (ex, j), (_, gold, kind), d in zip(batch, shown, decoded)]
+                grade_records(records, budgets, tok, cfg.grade_timeout)
+                for r in records:
+                    append_record(fh, r)
+                n_tok += sum(r["n_tokens"] for r in records)
+                bar.update(len(batch))
+        bar.close()
+        dt = time.perf_counter() - t0
+        log.info("%s: sampled %d sequences, %d tokens in %.1f s (%.1f tok/s)", out, len(todo), n_tok, dt,
+                 n_tok / max(dt, 1e-9))
+
+    dist.barrier()
+    summary_path = out / "summary.json"
+    if rank == 0:
+        order = {ex.id: i for i, ex in enumerate(problems)}
+        dist.merge(samples_path, world_size,
+                   key=lambda r: (order.get(r["id"], len(order)), str(r["id"]), int(r["sample_index"])))
+        records = read_records(samples_path)
+        ids = [ex.id for ex in problems]
+        wanted = [r for r in records if r["id"] in order and r["sample_index"] < cfg.n]
+        missing = [r for r in wanted if any(str(b) not in r.get("correct_at_budget", {}) for b in budgets)]
+        if missing:  # budgets added since these samples were drawn: grade the cut texts now
+            grade_records(missing, budgets, tok, cfg.grade_timeout)
+        summary = {
+            "label": label or ("trained" if cfg.adapter else "base"),
+            "model": model_label(cfg.model) + (f" + {cfg.adapter}" if cfg.adapter else ""),
+            "dataset": dataset_name(cfg.data.source), "split": cfg.data.split,
+            "temperature": cfg.temperature, "top_p": cfg.top_p, "max_new_tokens": cfg.max_new_tokens,
+            **summarize(wanted, ids, cfg.n, cfg.ks, budgets, seed=cfg.seed),
+        }
+        tmp = summary_path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(summary, indent=2), encoding="utf-8")
+        os.replace(tmp, summary_path)
+        top = summary["pass_at_k"]
+        log.info("%s: %s", out, ", ".join(f"pass@{k}={v['mean']:.3f}" for k, v in top.items()))
+    dist.barrier()
+    if rank != 0:
+        return json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.exists() else {}
+    return summary

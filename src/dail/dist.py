@@ -17,10 +17,16 @@ T = TypeVar("T")
 
 
 def state() -> Any:
-    """accelerate's PartialState (initializes torch.distributed with gloo on CPU when launched)."""
+    """accelerate's PartialState (initializes torch.distributed with gloo on CPU when launched).
+
+    On a machine without a GPU, accelerate only sets up gloo when asked for the CPU explicitly;
+    otherwise every process of `accelerate launch --multi_gpu --num_processes N` believes it is
+    alone.
+    """
+    import torch
     from accelerate import PartialState
 
-    return PartialState()
+    return PartialState(cpu=not torch.cuda.is_available())
 
 
 def world() -> tuple[int, int]:

@@ -267,3 +267,28 @@ def test_ref_cache_equals_live(tiny_dir, synth, tmp_path):
     a, b = _adapter_weights(live), _adapter_weights(cached)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
+def test_two_processes_match_one(tiny_dir, synth, tmp_path):
+    """Same global batch on 2 gloo processes (torchrun) == 1 process: loss curve and adapter."""
+    import yaml
+
+    from dail.training import train
+
+    cfg = dict(model={"name": str(tiny_dir), "device": "cpu"}, data=str(synth), lr=0.05, batch_size=4,
+               micro_batch_size=1, epochs=2, lora_r=4, lora_alpha=8, warmup_steps=1, report_to="none",
+               save_every=0, gamma=0.2)
+    one = train(_cfg(tiny_dir, synth, tmp_path / "one", micro_batch_size=1))
+    (tmp_path / "two.yaml").write_text(yaml.safe_dump({**cfg, "out": str(tmp_path / "two")}))
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "dail.training", "--config", str(tmp_path / "two.yaml")],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((tmp_path / "two" / "train_info.json").read_text())["processes"] == 2
+    curves = [[json.loads(x)["loss"] for x in (tmp_path / n / "metrics.jsonl").read_text().splitlines()]
+              for n in ("one", "two")]
+    assert curves[0] == pytest.approx(curves[1], rel=1e-5)
+    a, b = _adapter_weights(one), _adapter_weights(tmp_path / "two" / "adapter")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)

@@ -46,3 +46,9 @@ def test_run_defaults_are_the_embedded_default():
     cfg = RunConfig()
     assert cfg.model.name == "embedded" and cfg.train_data.source == "gsm-symbolic"
     assert cfg.train_data.split == "train" and cfg.test_data.split == "test"
+
+
+def test_partial_override_of_a_nested_config_keeps_its_own_defaults():
+    cfg = build(RunConfig, None, {"test_data.source": "champ"})
+    assert (cfg.test_data.source, cfg.test_data.split, cfg.test_data.limit) == ("champ", "test", 16)
+    assert cfg.eval.data.split == "test"

@@ -244,10 +244,21 @@ def from_dict(cls: type, data: dict | None, where: str = "") -> Any:
         if _is_config(tp):
             if value is not None and not isinstance(value, dict):
                 raise ConfigError(f"{where}{key}: expected a mapping, got {value!r}")
-            kwargs[key] = from_dict(tp, value, where=f"{where}{key}.")
+            # Start from this field's own default (e.g. RunConfig.test_data has split=test), so a
+            # partial override keeps the defaults it does not mention.
+            f = names[key]
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else tp()
+            kwargs[key] = from_dict(tp, _merge(to_dict(default), value or {}), where=f"{where}{key}.")
         else:
             kwargs[key] = _coerce(value, tp, f"{where}{key}")
     return cls(**kwargs)
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "fields" else v
+    return out
 
 
 def _coerce(value: Any, tp: Any, name: str) -> Any:

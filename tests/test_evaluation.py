@@ -292,3 +292,32 @@ def test_load_benchmark_errors(tmp_path):
     with pytest.raises(DataError, match="no problem column"):
         load_benchmark(path)
     assert load_benchmark(path, {"problem": "text"})[0].problem == "q1"
+
+
+def test_load_benchmark_json_array(tmp_path):
+    path = tmp_path / "beyond.json"
+    path.write_text(json.dumps([{"problem": "Find n.", "answer": "12"}, {"problem": "Find m.", "answer": "3"}]))
+    assert [(e.id, e.answer) for e in load_benchmark(path)] == [("beyond-0", "12"), ("beyond-1", "3")]
+
+
+def test_two_launched_processes_equal_one(tiny, tiny_dir, bench, tmp_path):
+    """A real `accelerate launch` with 2 CPU processes (real grader) merges to the 1-process result."""
+    import os
+    import subprocess
+    import sys
+
+    model, tok = tiny
+    one = evaluate(_cfg(tiny_dir, bench, tmp_path / "one", n=2), model, tok)
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                    "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                    "-m", "dail.cli", "eval", "--model.name", str(tiny_dir), "--model.device", "cpu",
+                    "--data.source", str(bench), "--on", "test", "--out", str(tmp_path / "two"), "--n", "2",
+                    "--ks", "[1, 2]", "--budgets", "[3, 7]", "--max_new_tokens", "12", "--batch_size", "6",
+                    "--temperature", "0.7", "--seed", "5"],
+                   check=True, env=env, capture_output=True)
+    two = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert not list((tmp_path / "two").glob("*rank*"))
+    a, b = _by_key(tmp_path / "one" / "samples.jsonl"), _by_key(tmp_path / "two" / "samples.jsonl")
+    assert a.keys() == b.keys() and all(a[k]["token_ids"] == b[k]["token_ids"] for k in a)
+    assert two["pass_at_k"] == one["pass_at_k"] and two["n_problems"] == 3

@@ -350,6 +350,8 @@ def _benchmark_rows(path: Path) -> list[dict]:
 
         with open(path, newline="", encoding="utf-8") as fh:
             return list(csv.DictReader(fh))
+    if suffix == ".json" and path.read_text(encoding="utf-8").lstrip().startswith("["):
+        return json.loads(path.read_text(encoding="utf-8"))  # one JSON array instead of JSONL
     rows = []
     for lineno, text in _lines(path):
         try:

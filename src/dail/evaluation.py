@@ -281,7 +281,7 @@ def _batches(todo: list[tuple[Example, int]], batch_size: int) -> list[list[tupl
 def _check_resume(out: Path, cfg: EvalConfig) -> None:
     """Refuse to mix samples made under different sampling settings in one folder."""
     old_path = out / "config.yaml"
-    if not old_path.exists():
+    if not old_path.exists() or not any(out.glob("samples*.jsonl")):
         return
     import yaml
 

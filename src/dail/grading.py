@@ -9,15 +9,20 @@ The extracted answer and the gold answer are compared with
 math-verify says no, an exact match of normalized strings is the last chance (it catches
 plain-text answers like `Paris` that math-verify cannot parse).
 
-Why a process pool. A model can write an answer that sympy cannot finish, e.g.
+Why a separate process. A model can write an answer that sympy cannot finish, e.g.
 `\\boxed{9^{9^{9^{9}}}}` (measured: `verify` never returns). math-verify's own timeout uses
 `signal.alarm`, which only works on the main thread of the main interpreter. So its timeouts
 are switched off (`parsing_timeout=None`, `timeout_seconds=None`) and every comparison runs
-in a worker process instead; the parent waits at most `timeout` seconds per sample, then kills
-that worker, starts a fresh one and counts the sample as wrong. Nothing in the parent uses
-signals, so `grade_many` works from any thread. Workers are forked from a `forkserver` that
-has already imported math-verify, so replacing a killed worker costs milliseconds, not the
-~1 s sympy import; the pool lives for the whole process and is shut down at exit.
+in a worker process instead; a worker gets at most `timeout` seconds per sample, then it is
+killed, a fresh one takes its place and the sample counts as wrong. Nothing in the caller
+uses signals, so `grade_many` works from any thread.
+
+Layout: the caller starts one grading process (`python -c`, so it never re-imports the
+caller's `__main__`, as multiprocessing's spawn and forkserver would), lazily, on first use.
+It imports math-verify once and forks its workers from that clean single-threaded state, so
+replacing a killed worker costs milliseconds, not the ~0.5 s import. It lives until the caller
+exits. A batch travels to it in one message, so grading thousands of samples costs one round
+trip plus the comparisons, spread over up to 4 workers.
 
 Multiple choice (GPQA-style). `choice_problem` shuffles the options with a seed, writes them
 under letters A, B, C, ... and returns the problem text and the gold letter; the grader
@@ -32,11 +37,14 @@ import multiprocessing
 import os
 import random
 import re
+import subprocess
+import sys
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass
 from multiprocessing.connection import wait as _wait_conns
+from pathlib import Path
 from typing import Any
 
 __all__ = ["Extracted", "extract_answer", "normalize", "grade_many", "grade", "choice_problem",
@@ -157,15 +165,7 @@ def _worker_main(conn: Any) -> None:
         conn.send((i, ok))
 
 
-# ----------------------------------------------------------------------------- the pool (parent side)
-
-def _context() -> Any:
-    if "forkserver" in multiprocessing.get_all_start_methods():
-        ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(["math_verify", "dail.grading"])
-        return ctx
-    return multiprocessing.get_context("spawn")
-
+# ----------------------------------------------------------------------------- the pool (grading process)
 
 class _Worker:
     def __init__(self, ctx: Any) -> None:
@@ -199,15 +199,12 @@ class _Worker:
 class _Pool:
     """Worker processes that each grade one sample at a time under an outer deadline."""
 
-    def __init__(self) -> None:
-        self.lock = threading.Lock()  # one grade_many at a time; callers on other threads wait
-        self.ctx = None
+    def __init__(self, ctx: Any) -> None:
+        self.ctx = ctx
         self.workers: list[_Worker] = []
         self.replaced = 0  # workers killed for running past the timeout or dying (for tests/logs)
 
     def _ensure(self, size: int) -> None:
-        if self.ctx is None:
-            self.ctx = _context()
         self.workers = [w for w in self.workers if w.proc.is_alive()]
         while len(self.workers) < size:
             self.workers.append(_Worker(self.ctx))
@@ -219,38 +216,37 @@ class _Pool:
 
     def run(self, tasks: list[tuple[int, str, str]], timeout: float, size: int) -> dict[int, bool]:
         results: dict[int, bool] = {}
-        with self.lock:
-            self._ensure(size)
-            queue = deque(tasks)
-            while queue or any(w.task is not None for w in self.workers):
-                for w in list(self.workers):
-                    if w.task is None and queue:
-                        i, pred, gold = queue.popleft()
-                        try:
-                            w.conn.send((i, pred, gold))
-                        except (OSError, ValueError):  # the worker died while idle
-                            self._replace(w)
-                            queue.appendleft((i, pred, gold))
-                            continue
-                        w.task, w.deadline = i, time.monotonic() + timeout
-                busy = [w for w in self.workers if w.task is not None]
-                if not busy:
-                    continue
-                wait_s = max(0.0, min(w.deadline for w in busy) - time.monotonic())
-                ready = set(_wait_conns([w.conn for w in busy], timeout=wait_s))
-                now = time.monotonic()
-                for w in busy:
-                    if w.conn in ready:
-                        try:
-                            i, ok = w.conn.recv()
-                            results[i] = bool(ok)
-                            w.task = None
-                        except (EOFError, OSError):  # the worker crashed on this sample
-                            results[w.task] = False
-                            self._replace(w)
-                    elif now >= w.deadline:  # ran past the timeout: wrong, and a fresh worker
+        self._ensure(size)
+        queue = deque(tasks)
+        while queue or any(w.task is not None for w in self.workers):
+            for w in list(self.workers):
+                if w.task is None and queue:
+                    i, pred, gold = queue.popleft()
+                    try:
+                        w.conn.send((i, pred, gold))
+                    except (OSError, ValueError):  # the worker died while idle
+                        self._replace(w)
+                        queue.appendleft((i, pred, gold))
+                        continue
+                    w.task, w.deadline = i, time.monotonic() + timeout
+            busy = [w for w in self.workers if w.task is not None]
+            if not busy:
+                continue
+            wait_s = max(0.0, min(w.deadline for w in busy) - time.monotonic())
+            ready = set(_wait_conns([w.conn for w in busy], timeout=wait_s))
+            now = time.monotonic()
+            for w in busy:
+                if w.conn in ready:
+                    try:
+                        i, ok = w.conn.recv()
+                        results[i] = bool(ok)
+                        w.task = None
+                    except (EOFError, OSError):  # the worker crashed on this sample
                         results[w.task] = False
                         self._replace(w)
+                elif now >= w.deadline:  # ran past the timeout: wrong, and a fresh worker
+                    results[w.task] = False
+                    self._replace(w)
         return results
 
     def close(self) -> None:
@@ -259,7 +255,89 @@ class _Pool:
         self.workers = []
 
 
-_POOL = _Pool()
+def _serve(read_fd: int, write_fd: int) -> None:
+    """Main loop of the grading process: run batches from the parent through a _Pool."""
+    from multiprocessing.connection import Connection
+
+    import math_verify  # noqa: F401 - imported once here, so forked workers start warm
+
+    conn_in, conn_out = Connection(read_fd, writable=False), Connection(write_fd, readable=False)
+    pool = _Pool(multiprocessing.get_context("fork"))  # this process is single-threaded: fork is safe
+    try:
+        while True:
+            try:
+                msg = conn_in.recv()
+            except (EOFError, OSError):  # the parent went away
+                return
+            if msg is None:
+                return
+            tasks, timeout, size = msg
+            results = pool.run(tasks, timeout, size)
+            conn_out.send((results, pool.replaced))
+    finally:
+        pool.close()
+
+
+class _Manager:
+    """The parent's handle on the grading process (started lazily, shared by all threads).
+
+    The grading process is a fresh interpreter started with `python -c`, so it never
+    re-imports the caller's `__main__` (which multiprocessing's spawn and forkserver do, and
+    which fails for scripts read from stdin or re-runs unguarded scripts). It imports
+    math-verify once and forks its workers from that clean, single-threaded state.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.proc: subprocess.Popen | None = None
+        self.replaced = 0  # workers killed for running past the timeout or crashing (tests, logs)
+
+    def _start(self) -> None:
+        from multiprocessing.connection import Connection
+
+        to_child_r, to_child_w = os.pipe()
+        from_child_r, from_child_w = os.pipe()
+        env = dict(os.environ)
+        src = str(Path(__file__).resolve().parents[1])  # so `dail` imports however the parent found it
+        env["PYTHONPATH"] = os.pathsep.join([src] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+        code = "import sys; from dail.grading import _serve; _serve(int(sys.argv[1]), int(sys.argv[2]))"
+        self.proc = subprocess.Popen([sys.executable, "-c", code, str(to_child_r), str(from_child_w)],
+                                     pass_fds=(to_child_r, from_child_w), env=env, stdin=subprocess.DEVNULL)
+        os.close(to_child_r)
+        os.close(from_child_w)
+        self.send_conn = Connection(to_child_w, readable=False)
+        self.recv_conn = Connection(from_child_r, writable=False)
+
+    def run(self, tasks: list[tuple[int, str, str]], timeout: float, size: int) -> dict[int, bool]:
+        with self.lock:
+            if self.proc is None or self.proc.poll() is not None:
+                self._start()
+            try:
+                self.send_conn.send((tasks, timeout, size))
+                while not self.recv_conn.poll(1.0):
+                    if self.proc.poll() is not None:
+                        raise EOFError
+                results, self.replaced = self.recv_conn.recv()
+            except (EOFError, OSError):
+                code = self.proc.poll()
+                self.proc = None
+                raise RuntimeError(f"the grading process exited unexpectedly (exit code {code}); see its "
+                                   "error output above") from None
+            return results
+
+    def close(self) -> None:
+        if self.proc is None:
+            return
+        try:
+            self.send_conn.send(None)
+            self.proc.wait(timeout=2)
+        except (OSError, ValueError, subprocess.TimeoutExpired):
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+
+
+_POOL = _Manager()
 atexit.register(_POOL.close)
 
 

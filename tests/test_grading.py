@@ -45,6 +45,8 @@ MATH_CASES = [
     ("We get 7.\n#### 7", "7", True),
     ("So the final answer is $\\frac{3}{2}$.", "1.5", True),
     ("Final answer: **12**", "12", True),
+    ("The answer is 7. Let me write the final answer neatly", "7", True),  # a mention is not an answer line
+    ("The final answer is 7", "7", True),
     ("The answer is 12.\nWait, let me recheck. The answer is 13.", "12", False),  # last line counts
     ("\\boxed{3} then later \\boxed{4}", "4", True),                               # last boxed counts
     # no answer at all, or an unclosed box

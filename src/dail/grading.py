@@ -65,7 +65,7 @@ class Extracted:
 
 _BOX = re.compile(r"\\(?:boxed|fbox)\s*\{")
 # Final-answer lines; the answer runs to the end of the line.
-_FINAL = re.compile(r"(?:####|\bfinal answer\b(?:\s+is)?|\bthe answer is)\s*[:：]?[ \t]*(\S[^\n]*)",
+_FINAL = re.compile(r"(?:####|\bfinal answer(?:\s+is\b|\s*[:：])|\bthe answer is\b)\s*[:：]?[ \t]*(\S[^\n]*)",
                     re.IGNORECASE)
 
 
@@ -87,7 +87,7 @@ def _boxed(text: str) -> Extracted | None:
 
 
 def _strip_line_answer(s: str) -> str:
-    s = s.strip()
+    s = re.split(r"\.\s", s.strip(), maxsplit=1)[0]  # the answer ends with its sentence: "7. Let me ..."
     s = re.sub(r"^\*+|\*+$", "", s).strip()        # markdown bold
     s = s.rstrip(".。").strip()
     if len(s) >= 2 and s[0] == "$" and s[-1] == "$":  # $...$ or $$...$$

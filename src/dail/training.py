@@ -36,7 +36,7 @@ import shutil
 import time
 import warnings
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -397,7 +397,7 @@ class Logger:
             except ImportError:
                 raise ConfigError("config field 'report_to': wandb is not installed (pip install wandb), "
                                   "or use report_to=tensorboard|none") from None
-            self.wandb = wandb.init(project="dail", dir=str(out), config=dict(_flat(cfg)), resume="allow")
+            self.wandb = wandb.init(project="dail", dir=str(out), config=asdict(cfg), resume="allow")
 
     def log(self, row: dict) -> None:
         if not self.enabled:
@@ -418,18 +418,6 @@ class Logger:
             self.tb.close()
         if self.wandb is not None:
             self.wandb.finish()
-
-
-def _flat(cfg: Any, prefix: str = "") -> list[tuple[str, Any]]:
-    from dataclasses import asdict
-    out = []
-    for k, v in asdict(cfg).items():
-        out += _flat_dict(v, f"{prefix}{k}") if isinstance(v, dict) else [(f"{prefix}{k}", v)]
-    return out
-
-
-def _flat_dict(d: dict, prefix: str) -> list[tuple[str, Any]]:
-    return [(f"{prefix}.{k}", v) for k, v in d.items()]
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -483,6 +471,9 @@ def train(cfg: TrainConfig) -> Path:
     if ckpt is not None:
         step = load_checkpoint(ckpt, model, optimizer, scheduler, accelerator)
         log.info("resumed from %s at step %d", ckpt, step)
+    elif cfg.resume:
+        warnings.warn(f"{out}: resume=true but there is no complete checkpoint; starting from step 0",
+                      stacklevel=2)
     logger = Logger(cfg, out, step, accelerator.is_main_process)
 
     # The example stream: one seeded permutation per epoch, concatenated (see module docstring).

@@ -1,0 +1,192 @@
+"""Training-step cost of the DAIL loss against plain NLL, on the embedded model.
+
+    python benchmarks/bench_train.py [--batch 2] [--traj 128] [--rounds 3]
+
+One optimizer step (forward, backward, AdamW) over the same batch for each variant:
+- nll:         student forward only, chunked cross-entropy (the `nll` ablation's step);
+- contrastive: DAIL as `dail.training` runs it: student + teacher + NR forwards on one set of
+               weights (adapter on / off), chunked loss from hidden states;
+- ref-cache:   DAIL with the teacher's and NR's final hidden states precomputed, so the step
+               runs only the student (`ref_cache: true`);
+- naive:       three model copies (copy.deepcopy) and dense (B, L, V) logits for every role,
+               then `contrastive_terms` on them.
+
+All variants share one process and one loaded model (the naive one adds its two copies).
+Step time: the variants run interleaved, round after round, and the median per variant is
+reported, so background load on a shared machine hits all of them alike. Peak memory is the
+growth of the process's peak RSS over one step: before the step the kernel's high-water mark
+is reset (`echo 5 > /proc/self/clear_refs`) and afterwards VmHWM − VmRSS(before) is read. For
+that pass glibc is told to mmap every allocation over 64 KiB and its free heap is trimmed, so
+freed tensors go back to the kernel and a step's peak is not hidden by memory cached earlier.
+Linux and glibc only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+VARIANTS = ("nll", "contrastive", "ref-cache", "naive")
+
+
+def _status(field: str) -> int:
+    """A /proc/self/status field, in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def _reset_peak() -> None:
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def write_data(tok, path: Path, batch: int, traj: int) -> None:
+    """`batch` synthetic records whose trajectories are `traj` tokens long (ids, end-of-turn last)."""
+    from dail.training import end_of_turn_id
+
+    text = ("First, Tom has 3 apples. He buys 4 more, so he has 3 + 4 = 7 apples. Then he gives away 2, "
+            "leaving 7 - 2 = 5. Each apple costs 2 dollars, so 5 apples cost 5 * 2 = 10 dollars. ") * 40
+    with open(path, "w", encoding="utf-8") as fh:
+        for i in range(batch):
+            ids = tok(text, add_special_tokens=False)["input_ids"][i: i + traj - 1] + [end_of_turn_id(tok)]
+            fh.write(json.dumps({
+                "id": f"b{i}", "problem": f"Tom has {3 + i} apples and buys 4 more. He gives 2 away and sells "
+                "the rest for 2 dollars each. How much money does he get?",
+                "solution": f"{3 + i}+4={7 + i}. {7 + i}-2={5 + i}. {5 + i}*2={10 + 2 * i}. #### {10 + 2 * i}",
+                "landmarks": None, "trajectory_ids": ids, "teacher_mask": [0] * len(ids),
+                "finish_reason": "stop", "sample_index": 0, "correct": None}) + "\n")
+
+
+def _libc():
+    import ctypes
+    return ctypes.CDLL("libc.so.6")
+
+
+def run(batch: int, traj: int, rounds: int, variants: list[str]) -> dict:
+    import torch
+
+    from dail.config import ModelConfig, TrainConfig
+    from dail.losses import contrastive_terms
+    from dail.models import attach_lora, load_model, load_tokenizer
+    from dail.training import ROLES, batch_loss, build_sequences, collate, reference_hidden
+
+    torch.manual_seed(0)
+    tok = load_tokenizer(ModelConfig())
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "synthetic.jsonl"
+        write_data(tok, data, batch, traj)
+        cfg = TrainConfig(model=ModelConfig(device="cpu"), data=str(data), out=tmp, batch_size=batch,
+                          micro_batch_size=batch)
+        seqs = build_sequences(cfg, tok)
+    base = load_model(cfg.model, device=torch.device("cpu"))
+    copies = [copy.deepcopy(base), copy.deepcopy(base)] if "naive" in variants else []  # naive only
+    model = attach_lora(base, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules)
+    model.train()
+    with torch.no_grad():  # LoRA B starts at 0; a trained-looking adapter makes the student differ
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 1e-3)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-6)
+    b = collate(seqs, tok.pad_token_id, ROLES)
+    refs = reference_hidden(model, b)  # the cache: computed once, outside the timed steps
+    T = b.targets.shape[1]
+    nll_cfg = dataclasses.replace(cfg, loss="nll")
+
+    def dense_role_logits(m, inputs):
+        ids, attn, start = inputs
+        logits = m(input_ids=ids, attention_mask=attn, use_cache=False).logits  # (B, L, V)
+        pos = (start[:, None] + torch.arange(T)).clamp(max=logits.shape[1] - 1)
+        return logits.gather(1, pos[..., None].expand(-1, -1, logits.shape[-1]))
+
+    def step(variant: str) -> float:
+        if variant == "naive":
+            s = dense_role_logits(model, b.inputs["student"])
+            with torch.no_grad():
+                t = dense_role_logits(copies[0], b.inputs["teacher"])
+                n = dense_role_logits(copies[1], b.inputs["negative"])
+            sums = contrastive_terms(s, t, n, b.mask, cfg.gamma)
+        elif variant == "nll":
+            sums = batch_loss(model, b, nll_cfg)
+        else:
+            sums = batch_loss(model, b, cfg, refs if variant == "ref-cache" else None)
+        (sums.loss / sums.count).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(sums.loss.detach() / sums.count)
+
+    # Timing: variants interleaved round by round, so load from other processes on the machine
+    # hits all of them alike; the median over rounds is reported. Round 0 is a warm-up.
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    losses: dict[str, float] = {}
+    for r in range(rounds + 1):
+        for v in variants:
+            t0 = time.perf_counter()
+            losses[v] = step(v)
+            if r:
+                times[v].append(time.perf_counter() - t0)
+        print(f"  round {r}: " + ", ".join(f"{v} {times[v][-1]:.2f}s" for v in variants if r), file=sys.stderr)
+
+    # Peak memory: from here on glibc mmaps every allocation over 64 KiB (and returns it on free),
+    # and the free heap is trimmed, so each step's growth of the kernel's RSS high-water mark is
+    # the memory that step needed on top of what was resident before it.
+    libc = _libc()
+    libc.mallopt(-3, 65536)  # M_MMAP_THRESHOLD
+    peaks = {}
+    for v in variants:
+        libc.malloc_trim(0)
+        rss = _status("VmRSS")
+        _reset_peak()
+        step(v)
+        peaks[v] = (_status("VmHWM") - rss) / 2**20
+    return {"results": {v: {"step_s": statistics.median(times[v]), "step_s_all": times[v],
+                            "peak_mib": peaks[v], "loss": losses[v]} for v in variants},
+            "tokens": int(b.mask.sum()), "rows": b.targets.shape[0],
+            "lens": {r: int(b.inputs[r][0].shape[1]) for r in b.inputs}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--batch", type=int, default=2, help="sequences per step (one micro-batch)")
+    ap.add_argument("--traj", type=int, default=128, help="trajectory tokens per sequence")
+    ap.add_argument("--rounds", type=int, default=3, help="measured rounds (after one warm-up round)")
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    args = ap.parse_args()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    variants = args.variants.split(",")
+    out = run(args.batch, args.traj, args.rounds, variants)
+
+    import torch
+    res = out["results"]
+    ref = res.get("nll")
+    print(f"machine: {platform.machine()} {_cpu_name()}, {os.cpu_count()} CPU cores, torch {torch.__version__} "
+          f"({torch.get_num_threads()} threads), fp32, load average at end {os.getloadavg()[0]:.1f}")
+    print(f"batch: {out['rows']} sequences x {args.traj} trajectory tokens = {out['tokens']} loss tokens; "
+          f"input lengths {json.dumps(out['lens'])}")
+    print(f"{'variant':<12} {'step s':>8} {'x nll':>7} {'peak MiB':>9} {'x nll':>7}  all step times")
+    for v, r in res.items():
+        tr = f"{r['step_s'] / ref['step_s']:.2f}" if ref else "-"
+        mr = f"{r['peak_mib'] / ref['peak_mib']:.2f}" if ref else "-"
+        print(f"{v:<12} {r['step_s']:>8.2f} {tr:>7} {r['peak_mib']:>9.0f} {mr:>7}  "
+              + " ".join(f"{t:.2f}" for t in r["step_s_all"]))
+
+
+def _cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
+if __name__ == "__main__":
+    main()

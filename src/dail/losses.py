@@ -18,9 +18,9 @@ Beyond the paper:
   sum (never single vocabulary terms), which keeps γ ≥ 1 bounded. The logged KL_NR is the
   uncapped value, so the log shows what the cap is doing.
 - `chunked_*` compute the same sums from final hidden states and the LM head weight, a
-  chunk of masked tokens at a time, under activation checkpointing: the (N, V) logits of
-  the three roles are never all alive at once, in forward or backward, so peak memory does
-  not grow with 3 × T × V. They equal the dense versions in value and gradient (tested).
+  chunk of masked tokens at a time, fused with their gradient: the (N, V) logits of the
+  three roles are never all alive at once, in forward or backward, so peak memory does not
+  grow with 3 × T × V. They equal the dense versions in value and gradient (tested).
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
 
 __all__ = ["ContrastiveSums", "contrastive_kl", "contrastive_terms", "chunked_contrastive_terms",
            "nll", "chunked_nll"]
@@ -98,55 +97,115 @@ def nll(logits: Tensor, targets: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
 
 
 # ----------------------------------------------------------------------------- chunked, from hidden states
+#
+# The chunked losses are fused with the LM head: each chunk's forward builds its (c, V) logits,
+# the loss, and at once the gradient with respect to the student's hidden states, (c, H); then
+# its logits are freed. The backward only scales the stored (N, H) gradient. Nothing of size V
+# outlives a chunk, and nothing is recomputed (activation checkpointing would rebuild all three
+# roles' logits in the backward: 3 more LM-head matmuls per chunk).
+#
+# Gradients, per token, with z the student logits (derivation in the comments below):
+#   contrastive: ∂l/∂z = p_θ ⊙ (a − Σ_v p_θ a),  a = (log p_θ − log p_T) − g (log p_θ − log p_NR)
+#                with g = γ, or g = 0 where the cap is active (KL_NR > cap: the clamp is flat);
+#   nll:         ∂l/∂z = softmax(z) − onehot(target).
+# The LM head weight and bias are frozen (LoRA never touches the LM head), so they get none.
+
 
 def _logits(h: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return F.linear(h, weight, bias)
 
 
-def _contrastive_chunk(h_s: Tensor, h_t: Tensor, h_n: Tensor, weight: Tensor, bias: Tensor | None,
-                       gamma: float, neg_cap: float) -> Tensor:
-    loss, kl_t, kl_n = _token_terms(_logits(h_s, weight, bias), _logits(h_t, weight, bias),
-                                    _logits(h_n, weight, bias), gamma, neg_cap)
-    return torch.stack([loss, kl_t, kl_n])
+def _fused_forward(h_s: Tensor, h_t: Tensor, h_n: Tensor, weight: Tensor, bias: Tensor | None,
+                   gamma: float, neg_cap: float, chunk_size: int, need_grad: bool
+                   ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    sums = torch.zeros(3, dtype=torch.float32, device=h_s.device)
+    grad_h = torch.zeros_like(h_s) if need_grad else None
+    for i in range(0, h_s.shape[0], chunk_size):
+        sl = slice(i, i + chunk_size)
+        log_s = _logits(h_s[sl], weight, bias).float().log_softmax(-1)  # (c, V)
+        d_t = _logits(h_t[sl], weight, bias).float().log_softmax(-1)
+        d_n = _logits(h_n[sl], weight, bias).float().log_softmax(-1)
+        torch.sub(log_s, d_t, out=d_t)  # log p_θ − log p_T, in place
+        torch.sub(log_s, d_n, out=d_n)  # log p_θ − log p_NR
+        p_s = log_s.exp_()              # log_s is no longer needed
+        kl_t = torch.linalg.vecdot(p_s, d_t)  # (c,) without a (c, V) product
+        kl_n = torch.linalg.vecdot(p_s, d_n)
+        if neg_cap > 0:
+            g = torch.where(kl_n <= neg_cap, gamma, 0.0)  # clamp(max=cap) passes gradient where kl_n <= cap
+            loss = kl_t - gamma * kl_n.clamp(max=neg_cap)
+        else:
+            g = torch.full_like(kl_n, gamma)
+            loss = kl_t - gamma * kl_n
+        sums += torch.stack([loss.sum(), kl_t.sum(), kl_n.sum()])
+        if need_grad:
+            # l = Σ_v p_v a_v(log p), and Σ_v p_v ∂(log p_v)/∂z_k = p_k − p_k = 0 for the part of a
+            # that depends on z, so ∂l/∂z_k = p_k (a_k − Σ_v p_v a_v) with Σ_v p_v a_v = KL_T − g KL_NR.
+            a = d_t.addcmul_(d_n, g[:, None], value=-1.0)
+            dz = a.sub_((kl_t - g * kl_n)[:, None]).mul_(p_s)  # (c, V)
+            grad_h[sl] = (dz.to(weight.dtype) @ weight).to(grad_h.dtype)  # (c, H)
+    return sums[0], sums[1], sums[2], grad_h
+
+
+class _FusedContrastive(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h_s, h_t, h_n, weight, bias, gamma, neg_cap, chunk_size):
+        loss, kl_t, kl_n, grad_h = _fused_forward(h_s, h_t, h_n, weight, bias, gamma, neg_cap, chunk_size,
+                                                  need_grad=ctx.needs_input_grad[0])
+        ctx.save_for_backward(grad_h)
+        ctx.mark_non_differentiable(kl_t, kl_n)  # logged, not trained on
+        return loss, kl_t, kl_n
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_kl_t, _grad_kl_n):
+        (grad_h,) = ctx.saved_tensors
+        return grad_loss * grad_h, None, None, None, None, None, None, None
 
 
 def chunked_contrastive_terms(student_hidden: Tensor, teacher_hidden: Tensor, negative_hidden: Tensor,
                               weight: Tensor, mask: Tensor, gamma: float, neg_cap: float = 0.0,
                               chunk_size: int = 256, bias: Tensor | None = None) -> ContrastiveSums:
-    """`contrastive_terms` from final hidden states (B, T, H) and the LM head `weight` (V, H).
+    """`contrastive_terms` from final hidden states (B, T, H) and the frozen LM head `weight` (V, H).
 
     The masked positions of the three roles are taken out first (N, H), then `chunk_size` of
-    them at a time go through the LM head and the loss. Each chunk runs under activation
-    checkpointing, so its (chunk, V) logits are freed after the forward and rebuilt in the
-    backward: peak extra memory is about 3 × chunk × V fp32 numbers whatever N is.
+    them at a time go through the LM head and the loss, fused with the gradient (see above):
+    peak extra memory is a few (chunk, V) fp32 arrays whatever N is. Only `loss` carries a
+    gradient (to the student hidden states); the KL sums are for logging.
     """
     h_s = _rows(student_hidden, mask)
     h_t = _rows(teacher_hidden, mask).detach()
     h_n = _rows(negative_hidden, mask).detach()
-    total = student_hidden.new_zeros(3, dtype=torch.float32)
-    for i in range(0, h_s.shape[0], chunk_size):
-        sl = slice(i, i + chunk_size)
-        args = (h_s[sl], h_t[sl], h_n[sl], weight, bias, gamma, neg_cap)
-        if h_s.requires_grad:
-            total = total + checkpoint(_contrastive_chunk, *args, use_reentrant=False)
-        else:
-            total = total + _contrastive_chunk(*args)
-    return ContrastiveSums(total[0], total[1], total[2], mask.bool().sum())
+    loss, kl_t, kl_n = _FusedContrastive.apply(h_s, h_t, h_n, weight.detach(),
+                                               None if bias is None else bias.detach(), gamma, neg_cap,
+                                               chunk_size)
+    return ContrastiveSums(loss, kl_t, kl_n, mask.bool().sum())
 
 
-def _nll_chunk(h: Tensor, weight: Tensor, bias: Tensor | None, tgt: Tensor) -> Tensor:
-    return F.cross_entropy(_logits(h, weight, bias).float(), tgt, reduction="sum")
+class _FusedNLL(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, weight, bias, tgt, chunk_size):
+        need_grad = ctx.needs_input_grad[0]
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        grad_h = torch.zeros_like(h) if need_grad else None
+        for i in range(0, h.shape[0], chunk_size):
+            sl = slice(i, i + chunk_size)
+            log_p = _logits(h[sl], weight, bias).float().log_softmax(-1)  # (c, V)
+            picked = log_p.gather(-1, tgt[sl, None])
+            total -= picked.sum()
+            if need_grad:
+                dz = log_p.exp_().scatter_add_(-1, tgt[sl, None], torch.full_like(picked, -1.0))
+                grad_h[sl] = (dz.to(weight.dtype) @ weight).to(grad_h.dtype)
+        ctx.save_for_backward(grad_h)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        (grad_h,) = ctx.saved_tensors
+        return grad_total * grad_h, None, None, None, None
 
 
 def chunked_nll(hidden: Tensor, weight: Tensor, targets: Tensor, mask: Tensor, chunk_size: int = 256,
                 bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """`nll` from final hidden states (B, T, H) and the LM head `weight` (V, H), in chunks."""
+    """`nll` from final hidden states (B, T, H) and the frozen LM head `weight` (V, H), in fused chunks."""
     h, tgt = _rows(hidden, mask), targets[mask.bool()]
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for i in range(0, h.shape[0], chunk_size):
-        sl = slice(i, i + chunk_size)
-        if h.requires_grad:
-            total = total + checkpoint(_nll_chunk, h[sl], weight, bias, tgt[sl], use_reentrant=False)
-        else:
-            total = total + _nll_chunk(h[sl], weight, bias, tgt[sl])
+    total = _FusedNLL.apply(h, weight.detach(), None if bias is None else bias.detach(), tgt, chunk_size)
     return total, mask.bool().sum()

@@ -127,15 +127,21 @@ def run(batch: int, traj: int, rounds: int, variants: list[str]) -> dict:
 
     # Timing: variants interleaved round by round, so load from other processes on the machine
     # hits all of them alike; the median over rounds is reported. Round 0 is a warm-up.
+    # Both wall time and this process's CPU time are recorded: on a shared machine the CPU time
+    # is the steadier number (with one thread, waiting for a core costs wall time, not CPU time).
     times: dict[str, list[float]] = {v: [] for v in variants}
+    cpu: dict[str, list[float]] = {v: [] for v in variants}
     losses: dict[str, float] = {}
     for r in range(rounds + 1):
         for v in variants:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             losses[v] = step(v)
             if r:
                 times[v].append(time.perf_counter() - t0)
-        print(f"  round {r}: " + ", ".join(f"{v} {times[v][-1]:.2f}s" for v in variants if r), file=sys.stderr)
+                cpu[v].append(time.process_time() - c0)
+        if r:
+            print(f"  round {r}: " + ", ".join(f"{v} {times[v][-1]:.2f}s wall {cpu[v][-1]:.2f}s cpu"
+                                               for v in variants), file=sys.stderr)
 
     # Peak memory: from here on glibc mmaps every allocation over 64 KiB (and returns it on free),
     # and the free heap is trimmed, so each step's growth of the kernel's RSS high-water mark is
@@ -150,6 +156,7 @@ def run(batch: int, traj: int, rounds: int, variants: list[str]) -> dict:
         step(v)
         peaks[v] = (_status("VmHWM") - rss) / 2**20
     return {"results": {v: {"step_s": statistics.median(times[v]), "step_s_all": times[v],
+                            "cpu_s": statistics.median(cpu[v]),
                             "peak_mib": peaks[v], "loss": losses[v]} for v in variants},
             "tokens": int(b.mask.sum()), "rows": b.targets.shape[0],
             "lens": {r: int(b.inputs[r][0].shape[1]) for r in b.inputs}}
@@ -161,23 +168,28 @@ def main() -> None:
     ap.add_argument("--traj", type=int, default=128, help="trajectory tokens per sequence")
     ap.add_argument("--rounds", type=int, default=3, help="measured rounds (after one warm-up round)")
     ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1 keeps CPU-time ratios steady "
+                    "on a shared machine)")
     args = ap.parse_args()
+    import torch
+    torch.set_num_threads(args.threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     variants = args.variants.split(",")
     out = run(args.batch, args.traj, args.rounds, variants)
 
-    import torch
     res = out["results"]
     ref = res.get("nll")
     print(f"machine: {platform.machine()} {_cpu_name()}, {os.cpu_count()} CPU cores, torch {torch.__version__} "
           f"({torch.get_num_threads()} threads), fp32, load average at end {os.getloadavg()[0]:.1f}")
     print(f"batch: {out['rows']} sequences x {args.traj} trajectory tokens = {out['tokens']} loss tokens; "
           f"input lengths {json.dumps(out['lens'])}")
-    print(f"{'variant':<12} {'step s':>8} {'x nll':>7} {'peak MiB':>9} {'x nll':>7}  all step times")
+    print(f"{'variant':<12} {'cpu s':>7} {'x nll':>6} {'wall s':>7} {'x nll':>6} {'peak MiB':>9} {'x nll':>6}"
+          "  all wall times")
     for v, r in res.items():
+        cr = f"{r['cpu_s'] / ref['cpu_s']:.2f}" if ref else "-"
         tr = f"{r['step_s'] / ref['step_s']:.2f}" if ref else "-"
         mr = f"{r['peak_mib'] / ref['peak_mib']:.2f}" if ref else "-"
-        print(f"{v:<12} {r['step_s']:>8.2f} {tr:>7} {r['peak_mib']:>9.0f} {mr:>7}  "
+        print(f"{v:<12} {r['cpu_s']:>7.2f} {cr:>6} {r['step_s']:>7.2f} {tr:>6} {r['peak_mib']:>9.0f} {mr:>6}  "
               + " ".join(f"{t:.2f}" for t in r["step_s_all"]))
 
 

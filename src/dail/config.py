@@ -215,7 +215,8 @@ class RunConfig:
                                   metadata={"help": "Held-out problems to evaluate."})
     synth: SynthConfig = field(default_factory=SynthConfig, metadata={"help": "Stage 1."})
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "Stage 2."})
-    eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "Evaluation."})
+    eval: EvalConfig = field(default_factory=lambda: EvalConfig(budgets=[64, 128, 256]),
+                             metadata={"help": "Evaluation (budgets: pass@k is also graded at these token counts)."})
     eval_train: bool = _f(False, "Also evaluate base and trained models on the training problems "
                           "(train-versus-test gap).")
 

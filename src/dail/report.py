@@ -55,6 +55,8 @@ def _names(evals: list[tuple[str, dict]], key: str) -> str:
     seen = []
     for _, s in evals:
         v = str(s.get(key, "?"))
+        if key == "model":  # "base + adapter/path" is still the same base model
+            v = v.split(" + ")[0]
         if v not in seen:
             seen.append(v)
     return ", ".join(seen)
@@ -155,7 +157,7 @@ def write_report(run_dirs: list[Path], out: Path, title: str | None = None) -> P
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     evals = collect(run_dirs)
-    subtitle = _short(f"model: {_names(evals, 'model')}", 110) + f"\ndata: {_names(evals, 'dataset')}" if evals \
+    subtitle = _short(f"model: {_names(evals, 'model')}", 90) + f"\ndata: {_names(evals, 'dataset')}" if evals \
         else ""
     title = title or (f"DAIL report: {_short(_names(evals, 'model'), 80)} on {_names(evals, 'dataset')}"
                       if evals else "DAIL report")

@@ -52,3 +52,10 @@ def test_partial_override_of_a_nested_config_keeps_its_own_defaults():
     cfg = build(RunConfig, None, {"test_data.source": "champ"})
     assert (cfg.test_data.source, cfg.test_data.split, cfg.test_data.limit) == ("champ", "test", 16)
     assert cfg.eval.data.split == "test"
+
+
+def test_nested_errors_name_the_dotted_field():
+    with pytest.raises(ConfigError, match=r"config field 'eval.budgets': each budget must be in 1..max_new_tokens \(32\)"):
+        build(RunConfig, None, {"eval.max_new_tokens": 32})
+    with pytest.raises(ConfigError, match=r"unknown field 'eval.taux'"):
+        build(RunConfig, None, {"eval.taux": 1})

@@ -53,7 +53,7 @@ def test_dail_run_embedded_model_small(tmp_path):
     rc = main(["run", "--out", str(out), "--train_data.limit", "2", "--test_data.limit", "2",
                "--synth.max_new_tokens", "32", "--synth.samples_per_problem", "1",
                "--train.epochs", "1", "--train.batch_size", "2", "--train.report_to", "none",
-               "--eval.n", "2", "--eval.ks", "[1,2]", "--eval.max_new_tokens", "32"])
+               "--eval.n", "2", "--eval.ks", "[1,2]", "--eval.max_new_tokens", "32", "--eval.budgets", "[16,32]"])
     assert rc == 0
     _check_run_folder(out, 2, 2, 2)
     stats = json.loads((out / "synth" / "stats.json").read_text())

@@ -232,27 +232,35 @@ def _is_config(tp: Any) -> bool:
     return isinstance(tp, type) and dataclasses.is_dataclass(tp)
 
 
-def from_dict(cls: type, data: dict | None, where: str = "") -> Any:
-    """Build `cls` from a (possibly partial, possibly nested) dict; unknown keys are errors."""
+def from_dict(cls: type, data: dict | None, where: str = "", path: str = "") -> Any:
+    """Build `cls` from a (possibly partial, possibly nested) dict; unknown keys are errors.
+
+    `where` prefixes messages (the YAML file); `path` is the dotted field path of `cls`.
+    """
     data = dict(data or {})
     kwargs = {}
     names = {f.name: f for f in dataclasses.fields(cls)}
     for key, value in data.items():
         if key not in names:
-            raise ConfigError(f"{where or cls.__name__}: unknown field '{key}' "
+            raise ConfigError(f"{where}unknown field '{path}{key}' "
                               f"(expected one of: {', '.join(names)})")
         tp = _field_type(cls, names[key])
         if _is_config(tp):
             if value is not None and not isinstance(value, dict):
-                raise ConfigError(f"{where}{key}: expected a mapping, got {value!r}")
+                raise ConfigError(f"{where}{path}{key}: expected a mapping, got {value!r}")
             # Start from this field's own default (e.g. RunConfig.test_data has split=test), so a
             # partial override keeps the defaults it does not mention.
             f = names[key]
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else tp()
-            kwargs[key] = from_dict(tp, _merge(to_dict(default), value or {}), where=f"{where}{key}.")
+            kwargs[key] = from_dict(tp, _merge(to_dict(default), value or {}), where, f"{path}{key}.")
         else:
-            kwargs[key] = _coerce(value, tp, f"{where}{key}")
-    return cls(**kwargs)
+            kwargs[key] = _coerce(value, tp, f"{where}{path}{key}")
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:  # name the nested field: 'eval.budgets', not 'budgets'
+        if not path or "config field '" not in str(e) or "config field '" + path in str(e):
+            raise
+        raise ConfigError(f"{where}" + str(e).replace("config field '", f"config field '{path}", 1)) from None
 
 
 def _merge(base: dict, over: dict) -> dict:

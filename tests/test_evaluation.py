@@ -133,6 +133,7 @@ def test_evaluate_writes_records_summary_and_config(tiny, tiny_dir, bench, tmp_p
     # the 4 samples of a problem differ (each has its own generator)
     assert len({tuple(r["token_ids"]) for r in recs if r["id"] == "p1"}) > 1
     assert summary["label"] == "base" and summary["dataset"] == "bench" and summary["split"] == "test"
+    assert summary["prompt_version"].startswith("dail-prompts-")
     assert summary["n_problems"] == 3 and summary["n"] == 4 and summary["ks"] == [1, 2, 4]
     assert summary["budgets"] == [3, 7, 12] and set(summary["by_budget"]) == {"3", "7", "12"}
     counts = {pid: sum(r["correct"] for r in recs if r["id"] == pid) for pid in ("p1", "p2", "p3")}

@@ -49,7 +49,7 @@ from dail.config import EvalConfig, save, to_dict
 from dail.data import Example, append_record, load_benchmark, load_examples, read_records
 from dail.decoding import decode, generator_for, sample_seed
 from dail.grading import choice_problem, extract_answer, extract_choice, grade_many
-from dail.prompts import end_of_turn_ids, render, student_messages
+from dail.prompts import PROMPT_VERSION, end_of_turn_ids, render, student_messages
 
 log = logging.getLogger(__name__)
 
@@ -379,6 +379,7 @@ def evaluate(cfg: EvalConfig, model: Any = None, tokenizer: Any = None, label: s
             "model": model_label(cfg.model) + (f" + {cfg.adapter}" if cfg.adapter else ""),
             "dataset": dataset_name(cfg.data.source), "split": cfg.data.split,
             "temperature": cfg.temperature, "top_p": cfg.top_p, "max_new_tokens": cfg.max_new_tokens,
+            "prompt_version": PROMPT_VERSION,
             **summarize(wanted, ids, cfg.n, cfg.ks, budgets, seed=cfg.seed),
         }
         tmp = summary_path.with_suffix(".json.tmp")

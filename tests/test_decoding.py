@@ -98,3 +98,24 @@ def test_top_p_keeps_smallest_nucleus():
     p = sampling_probs(logits, 1.0, 0.75)
     assert torch.allclose(p, torch.tensor([[0.625, 0.375, 0.0, 0.0]]))
     assert torch.equal(sampling_probs(logits, 0.0, 1.0), torch.tensor([[1.0, 0, 0, 0]]))
+
+
+def test_split_prefill_equals_joint_prefill(tiny):
+    """Student and teacher rows prefilled separately and stacked == one joint left-padded prefill."""
+    from dail.decoding import _prefill
+
+    model, tok = tiny
+    s, t = _prompts(tok, PROBLEMS), _prompts(tok, PROBLEMS, "3+4=7. #### 7 and a much longer expert solution " * 3)
+    with torch.no_grad():
+        l1, c1, m1, p1 = _prefill(model, s + t, 0, groups=2)
+        l2, c2, m2, p2 = _prefill(model, s + t, 0, groups=1)
+        assert torch.equal(m1, m2) and torch.equal(p1, p2)
+        assert torch.allclose(l1, l2, atol=1e-5)
+        step = torch.tensor([[5]] * len(s + t))
+        kw = dict(position_ids=p1[:, None], use_cache=True)
+        o1 = model(input_ids=step, attention_mask=torch.cat([m1, m1.new_ones(len(m1), 1)], 1), cache=c1, **kw).logits
+        o2 = model(input_ids=step, attention_mask=torch.cat([m2, m2.new_ones(len(m2), 1)], 1), cache=c2, **kw).logits
+    assert torch.allclose(o1, o2, atol=1e-5)
+    # A prompt shared between the groups falls back to the joint prefill.
+    l3, _, _, _ = _prefill(model, s + s, 0, groups=2)
+    assert torch.allclose(l3[:3], l3[3:])

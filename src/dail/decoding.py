@@ -77,25 +77,73 @@ def _left_pad(seqs: list[list[int]], pad_id: int, device: torch.device) -> tuple
     return ids.to(device), mask.to(device)
 
 
-def _prefill(model: Any, prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, Any, torch.Tensor, torch.Tensor]:
-    """Prefill unique prompts once, then repeat their cache rows to match `prompts`.
-
-    Returns (last-position logits (R, V), cache, attention mask (R, L), next position (R,)).
-    """
+def _prefill_rows(model: Any, prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, Any, torch.Tensor, torch.Tensor]:
+    """One left-padded prefill forward: (last logits (R, V), cache, mask (R, L), next position (R,))."""
     from transformers import DynamicCache
 
     device = next(model.parameters()).device
-    unique: dict[tuple[int, ...], int] = {}
-    index = [unique.setdefault(tuple(p), len(unique)) for p in prompts]
-    ids, mask = _left_pad([list(p) for p in unique], pad_id, device)
+    ids, mask = _left_pad(prompts, pad_id, device)
     pos = (mask.cumsum(-1) - 1).clamp_(min=0)
     cache = DynamicCache(config=model.config)
     out = model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True,
                 logits_to_keep=1)
+    return out.logits[:, -1], cache, mask, pos[:, -1] + 1
+
+
+def _stack_left_padded(parts: list[tuple[torch.Tensor, Any, torch.Tensor, torch.Tensor]]) -> tuple:
+    """Stack prefilled groups of rows into one batch, left-padding shorter caches with masked zeros.
+
+    Returns None when the cache has layers other than plain DynamicLayer (sliding-window or
+    linear-attention layers cannot be padded this way); the caller then prefills jointly.
+    """
+    import torch.nn.functional as F
+    from transformers.cache_utils import DynamicLayer
+
+    caches = [p[1] for p in parts]
+    if any(type(layer) is not DynamicLayer for c in caches for layer in c.layers):
+        return None
+    width = max(p[2].shape[1] for p in parts)
+    first = caches[0]
+    for i, layer in enumerate(first.layers):
+        for name in ("keys", "values"):
+            # (R, heads, L, head_dim): pad L on the left.
+            setattr(layer, name, torch.cat([F.pad(getattr(c.layers[i], name), (0, 0, width - p[2].shape[1], 0))
+                                            for c, p in zip(caches, parts)]))
+    mask = torch.cat([F.pad(p[2], (width - p[2].shape[1], 0)) for p in parts])
+    return torch.cat([p[0] for p in parts]), first, mask, torch.cat([p[3] for p in parts])
+
+
+def _prefill(model: Any, prompts: list[list[int]], pad_id: int,
+             groups: int = 1) -> tuple[torch.Tensor, Any, torch.Tensor, torch.Tensor]:
+    """Prefill unique prompts once, then repeat their cache rows to match `prompts`.
+
+    `groups` > 1 splits the rows into that many equal consecutive groups (student rows,
+    teacher rows) and prefills each group padded only to its own longest prompt: teacher
+    contexts carry the expert solution and are much longer, so one joint prefill would pad
+    every student row to the teacher's length. The groups' caches are then stacked.
+
+    Returns (last-position logits (R, V), cache, attention mask (R, L), next position (R,)).
+    """
+    device = next(model.parameters()).device
+    unique: dict[tuple[int, ...], int] = {}
+    index = [unique.setdefault(tuple(p), len(unique)) for p in prompts]
+    uniq = [list(p) for p in unique]
+    size = len(prompts) // groups
+    # Unique prompts stay in first-seen order, so each group's uniques are consecutive.
+    bounds = [index[g * size] for g in range(groups)] + [len(uniq)]
+    separable = all(bounds[g] <= i < bounds[g + 1] for g in range(groups)
+                    for i in index[g * size:(g + 1) * size]) and len(prompts) == groups * size
+    if not separable:  # a prompt shared across groups: prefill all rows jointly
+        bounds = [0, len(uniq)]
+    parts = [_prefill_rows(model, uniq[a:b], pad_id) for a, b in zip(bounds, bounds[1:]) if b > a]
+    stacked = _stack_left_padded(parts) if len(parts) > 1 else parts[0]
+    if stacked is None:
+        stacked = _prefill_rows(model, uniq, pad_id)
+    logits, cache, mask, next_pos = stacked
     sel = torch.tensor(index, device=device)
     if len(unique) != len(prompts) or index != sorted(index):
         cache.batch_select_indices(sel)
-    return out.logits[sel, -1], cache, mask[sel], pos[sel, -1] + 1
+    return logits[sel], cache, mask[sel], next_pos[sel]
 
 
 @torch.no_grad()
@@ -126,7 +174,7 @@ def decode(
     if mixed and len(teacher_prompts) != B:
         raise ValueError("teacher_prompts must align with prompts")
     rows = list(prompts) + (list(teacher_prompts) if mixed else [])
-    logits, cache, mask, next_pos = _prefill(model, rows, pad_id)
+    logits, cache, mask, next_pos = _prefill(model, rows, pad_id, groups=2 if mixed else 1)
     device = logits.device
     stop = torch.tensor(sorted(set(stop_ids)), device=device)
 

@@ -5,11 +5,10 @@ token sequences, then for each optimizer step: batch -> loss -> backward -> step
 and finally save the adapter (standard PEFT format) to `<out>/adapter`.
 
 One copy of the weights plays all three roles. The student forward runs with the adapter on
-and builds the graph; the teacher and negative-reference inputs run together, as one forward
-of 2B rows, under `no_grad` inside `adapter_off(model)`. Each role sees its own context
-followed by the same trajectory ids (never re-tokenized), and the three sets of final hidden
-states are gathered at the trajectory positions, so position t of every role predicts
-trajectory token t.
+and builds the graph; the teacher and negative-reference forwards run under `no_grad` inside
+`adapter_off(model)`. Each role sees its own context followed by the same trajectory ids
+(never re-tokenized), and the three sets of final hidden states are gathered at the
+trajectory positions, so position t of every role predicts trajectory token t.
 
 Normalization: the token count of a whole optimizer step is known from the data before any
 forward, so it is summed over micro-batches and processes first, and each micro-batch
@@ -211,26 +210,10 @@ def role_hidden(model: Any, inputs: tuple[torch.Tensor, torch.Tensor, torch.Tens
 
 
 def reference_hidden(model: Any, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Teacher and negative-reference hidden states (B, T, H): base weights, no graph.
-
-    Both roles run as ONE forward over 2B rows (teacher rows, then NR rows): at small B a
-    2B-row forward costs much less than two B-row forwards (larger matmuls, half the per-call
-    overhead). Each role's inputs are right-padded to the longer of the two lengths; under the
-    causal mask, extra padding at the end changes no real position, so this equals two
-    separate passes (up to fp rounding).
-    """
+    """Teacher and negative-reference hidden states (B, T, H): base weights, no graph."""
     T = batch.targets.shape[1]
-    (ids_t, attn_t, start_t), (ids_n, attn_n, start_n) = batch.inputs["teacher"], batch.inputs["negative"]
-    L = max(ids_t.shape[1], ids_n.shape[1])
-
-    def right_pad(x: torch.Tensor) -> torch.Tensor:  # (B, L_role) -> (B, L); the id under attention 0 is unused
-        return torch.nn.functional.pad(x, (0, L - x.shape[1]), value=0)
-
-    both = (torch.cat([right_pad(ids_t), right_pad(ids_n)]), torch.cat([right_pad(attn_t), right_pad(attn_n)]),
-            torch.cat([start_t, start_n]))
     with torch.no_grad(), adapter_off(model):
-        h = role_hidden(model, both, T)  # (2B, T, H)
-    return h.chunk(2)
+        return role_hidden(model, batch.inputs["teacher"], T), role_hidden(model, batch.inputs["negative"], T)
 
 
 def batch_loss(model: Any, batch: Batch, cfg: TrainConfig,

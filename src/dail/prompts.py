@@ -68,13 +68,19 @@ def render(tokenizer: Any, messages: list[dict]) -> list[int]:
     return list(ids)
 
 
+_END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>")
+
+
+def end_of_turn_id(tokenizer: Any) -> int:
+    """The token the chat template closes an assistant turn with (EOS if it has none of its own)."""
+    for name in _END_OF_TURN:
+        tid = tokenizer.convert_tokens_to_ids(name)
+        if isinstance(tid, int) and tid >= 0 and tid != tokenizer.unk_token_id:
+            return tid
+    return tokenizer.eos_token_id
+
+
 def end_of_turn_ids(tokenizer: Any) -> list[int]:
-    """Token ids that end an assistant turn: the template's end-of-turn token and EOS."""
-    ids = set()
-    for tok in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>"):
-        tid = tokenizer.convert_tokens_to_ids(tok)
-        if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid is not None and tid >= 0:
-            ids.add(tid)
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    return sorted(ids)
+    """Token ids that end an assistant turn when decoding: the template's end-of-turn and EOS."""
+    ids = {end_of_turn_id(tokenizer), tokenizer.eos_token_id}
+    return sorted(i for i in ids if i is not None)

@@ -47,7 +47,8 @@ from dail.data import DataError, load_examples, read_records
 from dail.landmarks import extract_landmarks
 from dail.losses import ContrastiveSums, chunked_contrastive_terms, chunked_nll
 from dail.models import adapter_off, attach_lora, load_model, load_tokenizer, model_label
-from dail.prompts import PROMPT_VERSION, negative_messages, render, student_messages, teacher_messages
+from dail.prompts import (PROMPT_VERSION, end_of_turn_id, negative_messages, render, student_messages,
+                          teacher_messages)
 
 __all__ = ["Sequence", "Batch", "train", "build_sequences", "collate", "batch_loss", "final_hidden"]
 
@@ -64,15 +65,6 @@ class Sequence:
     id: str
     target: list[int]               # trajectory ids (contrastive, nll) or expert solution + end-of-turn (sft)
     contexts: dict[str, list[int]]  # role -> chat-formatted prompt ids; only "student" for nll/sft
-
-
-def end_of_turn_id(tok: Any) -> int:
-    """The token the chat template closes an assistant turn with (EOS if it has none of its own)."""
-    for name in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>"):
-        tid = tok.convert_tokens_to_ids(name)
-        if isinstance(tid, int) and tid >= 0 and tid != tok.unk_token_id:
-            return tid
-    return tok.eos_token_id
 
 
 _SYNTH_FIELDS = {"id": (str, int), "problem": str, "solution": str, "trajectory_ids": list}

@@ -59,3 +59,15 @@ def test_nested_errors_name_the_dotted_field():
         build(RunConfig, None, {"eval.max_new_tokens": 32})
     with pytest.raises(ConfigError, match=r"unknown field 'eval.taux'"):
         build(RunConfig, None, {"eval.taux": 1})
+
+
+def test_report_refuses_folders_without_results(tmp_path, capsys):
+    from dail.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["report", str(tmp_path / "missing")])
+    assert e.value.code == 2 and "not a run folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["report", str(tmp_path)])
+    assert e.value.code == 2 and "no evaluation results" in capsys.readouterr().err
+    assert not (tmp_path / "report.md").exists()

@@ -75,6 +75,11 @@ def main(argv: list[str] | None = None) -> int:
             from dail.report import write_report
 
             runs = [Path(r) for r in args.runs]
+            missing = [str(r) for r in runs if not r.is_dir()]
+            if missing:
+                parser.exit(2, f"dail report: not a run folder: {', '.join(missing)}\n")
+            if not any(next(r.glob("eval/*/summary.json"), None) or (r / "summary.json").exists() for r in runs):
+                parser.exit(2, f"dail report: no evaluation results (eval/*/summary.json) in {', '.join(args.runs)}\n")
             path = write_report(runs, Path(args.out) if args.out else runs[0], title=args.title)
             print(path)
             return 0

@@ -76,9 +76,9 @@ def synthesize(cfg: SynthConfig, model: Any = None, tokenizer: Any = None,
     rank, world = dist.world()
     if rank == 0:
         save(cfg, paths["config"])
+    examples = examples if examples is not None else load_examples(cfg.data)  # bad data fails fast
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.model)
     model = model if model is not None else load_model(cfg.model)
-    examples = examples if examples is not None else load_examples(cfg.data)
     label = model_label(cfg.model)
 
     # Resume: everything already written, merged or in this rank's shard, is done.

@@ -122,3 +122,16 @@ def test_direct_mode_is_all_teacher_and_too_long_contexts_are_skipped(tiny_dir, 
     skipped = read_records(out.with_name("synthetic.skipped.jsonl"))
     assert len(skipped) == 12 and "exceeds the model window of 1024" in skipped[0]["reason"]
     assert read_records(out) == []
+
+
+def test_rerun_with_other_sampling_settings_is_refused_and_more_samples_are_added(tiny_dir, tmp_path):
+    from dail.config import ConfigError
+
+    out = synthesize(_cfg(tiny_dir, tmp_path, samples_per_problem=1))
+    before = out.read_text()
+    with pytest.raises(ConfigError, match="different 'tau'"):
+        synthesize(_cfg(tiny_dir, tmp_path, samples_per_problem=1, tau=0.5))
+    assert out.read_text() == before  # nothing written is lost
+    synthesize(_cfg(tiny_dir, tmp_path, samples_per_problem=2))
+    recs = read_records(out)
+    assert len(recs) == 12 and out.read_text().startswith(before)

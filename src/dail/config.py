@@ -352,3 +352,31 @@ def save(cfg: Any, path: str | Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
 
+
+
+def check_resumable(saved: str | Path, cfg: Any, fields: tuple[str, ...], what: str) -> None:
+    """Refuse to append to outputs made under different settings.
+
+    `saved` is the config.yaml written next to earlier outputs (`what` names them). If any of
+    `fields` differs from `cfg`, raise, so a rerun never silently mixes two settings in one file.
+    """
+    saved = Path(saved)
+    if not saved.exists():
+        return
+    def get(d: dict, dotted: str) -> Any:
+        for part in dotted.split("."):
+            if not isinstance(d, dict) or part not in d:
+                return _MISSING
+            d = d[part]
+        return d
+
+    old = yaml.safe_load(saved.read_text(encoding="utf-8")) or {}
+    new = to_dict(cfg)
+    for f in fields:
+        before, now = get(old, f), get(new, f)
+        if before is not _MISSING and before != now:
+            raise ConfigError(f"{saved.parent}: already holds {what} made with a different '{f}' ({before!r}, "
+                              f"now {now!r}); use another output path or delete the old one")
+
+
+_MISSING = object()

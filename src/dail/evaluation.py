@@ -45,7 +45,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from dail import dist
-from dail.config import EvalConfig, save, to_dict
+from dail.config import EvalConfig, check_resumable, save
 from dail.data import Example, append_record, load_benchmark, load_examples, read_records
 from dail.decoding import decode, generator_for, sample_seed
 from dail.grading import choice_problem, extract_answer, extract_choice, grade_many
@@ -278,21 +278,6 @@ def _batches(todo: list[tuple[Example, int]], batch_size: int) -> list[list[tupl
     return batches
 
 
-def _check_resume(out: Path, cfg: EvalConfig) -> None:
-    """Refuse to mix samples made under different sampling settings in one folder."""
-    old_path = out / "config.yaml"
-    if not old_path.exists() or not any(out.glob("samples*.jsonl")):
-        return
-    import yaml
-
-    old = yaml.safe_load(old_path.read_text(encoding="utf-8")) or {}
-    new = to_dict(cfg)
-    for f in _SAMPLING_FIELDS:
-        if f in old and old[f] != new[f]:
-            raise ValueError(f"{out}: already holds samples made with a different '{f}' ({old[f]!r}, now "
-                             f"{new[f]!r}); use another --out or delete the folder")
-
-
 def _load(cfg: EvalConfig, rank: int, world_size: int) -> Any:
     import torch
 
@@ -322,7 +307,8 @@ def evaluate(cfg: EvalConfig, model: Any = None, tokenizer: Any = None, label: s
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     samples_path = out / "samples.jsonl"
-    _check_resume(out, cfg)
+    if any(out.glob("samples*.jsonl")):
+        check_resumable(out / "config.yaml", cfg, _SAMPLING_FIELDS, "samples")
     if rank == 0:
         save(cfg, out / "config.yaml")
     tok = tokenizer if tokenizer is not None else load_tokenizer(cfg.model)

@@ -32,7 +32,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from dail import dist
-from dail.config import SynthConfig, save
+from dail.config import SynthConfig, check_resumable, save
 from dail.data import Example, append_record, load_examples, read_records
 from dail.decoding import decode, generator_for, sample_seed
 from dail.landmarks import extract_landmarks
@@ -41,6 +41,12 @@ from dail.prompts import (PROMPT_VERSION, direct_messages, end_of_turn_ids, rend
                           teacher_messages)
 
 log = logging.getLogger(__name__)
+
+
+# Settings that change what a trajectory is; a rerun into the same file must keep them.
+# (data.limit and samples_per_problem may grow: a rerun then adds the missing records.)
+_SAMPLING_FIELDS = ("model", "data.source", "data.split", "data.seed", "data.test_fraction", "data.fields",
+                    "mode", "tau", "temperature", "top_p", "max_new_tokens", "seed", "landmarks", "keep")
 
 
 def side_paths(out: Path) -> dict[str, Path]:
@@ -74,6 +80,8 @@ def synthesize(cfg: SynthConfig, model: Any = None, tokenizer: Any = None,
     out.parent.mkdir(parents=True, exist_ok=True)
     paths = side_paths(out)
     rank, world = dist.world()
+    if any(p.exists() and p.stat().st_size for p in (out, paths["rejected"], paths["skipped"])):
+        check_resumable(paths["config"], cfg, _SAMPLING_FIELDS, "trajectories")
     if rank == 0:
         save(cfg, paths["config"])
     examples = examples if examples is not None else load_examples(cfg.data)  # bad data fails fast

@@ -42,9 +42,12 @@ def test_dail_run_tiny_end_to_end(tiny_dir, tmp_path):
                "--eval.n", "2", "--eval.ks", "[1,2]", "--eval.max_new_tokens", "12", "--eval.budgets", "[6,12]"])
     assert rc == 0
     _check_run_folder(out, 4, 3, 2)
-    # A rerun resumes: nothing is resampled, and the folder stays consistent.
+    # A rerun resumes: nothing is resampled or retrained, and the folder stays consistent.
+    stamps = {p: p.stat().st_mtime_ns for p in [out / "synth" / "synthetic.jsonl", out / "train" / "adapter" /
+                                                "adapter_model.safetensors", out / "eval" / "trained-test" / "samples.jsonl"]}
     assert main(["run", "--config", str(out / "config.yaml")]) == 0
     _check_run_folder(out, 4, 3, 2)
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
 
 
 @pytest.mark.slow

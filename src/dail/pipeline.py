@@ -67,8 +67,12 @@ def run(cfg: RunConfig) -> Path:
         log.info("evaluating the base model on %s problems", split)
         evaluate(_eval_cfg(cfg, data, f"base-{split}", adapter=""), model, tokenizer, label="base")
 
-    log.info("stage 2/3: training (%s) -> %s", cfg.train.loss, cfg.train.out)
-    adapter = train(cfg.train)
+    adapter = Path(cfg.train.out) / "adapter"
+    if (Path(cfg.train.out) / "train_info.json").exists() and (adapter / "adapter_config.json").exists():
+        log.info("stage 2/3: %s already holds a finished adapter; not retraining", cfg.train.out)
+    else:
+        log.info("stage 2/3: training (%s) -> %s", cfg.train.loss, cfg.train.out)
+        adapter = train(cfg.train)
 
     del model  # evaluation of the trained model loads base + adapter fresh
     for split, data in evals:

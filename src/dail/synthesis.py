@@ -52,6 +52,7 @@ _SAMPLING_FIELDS = ("model", "data.source", "data.split", "data.seed", "data.tes
 def side_paths(out: Path) -> dict[str, Path]:
     """Files that live next to the synthetic set."""
     return {
+        "out": out,
         "rejected": out.with_name(f"{out.stem}.rejected.jsonl"),
         "skipped": out.with_name(f"{out.stem}.skipped.jsonl"),
         "stats": out.with_name("stats.json"),
@@ -90,11 +91,10 @@ def synthesize(cfg: SynthConfig, model: Any = None, tokenizer: Any = None,
     label = model_label(cfg.model)
 
     # Resume: everything already written, merged or in this rank's shard, is done.
-    my_paths = {name: dist.shard_path(paths[name] if name != "out" else out, rank, world)
-                for name in ("out", "rejected", "skipped")}
+    my_paths = {name: dist.shard_path(paths[name], rank, world) for name in ("out", "rejected", "skipped")}
     done = set()
     for name in ("out", "rejected", "skipped"):
-        for p in {paths.get(name, out), my_paths[name]}:
+        for p in {paths[name], my_paths[name]}:
             done |= {_key(r) for r in read_records(p)}
 
     mine = dist.shard(examples, rank, world)
@@ -163,7 +163,7 @@ def synthesize(cfg: SynthConfig, model: Any = None, tokenizer: Any = None,
     dist.barrier()
     if rank == 0:
         for name in ("out", "rejected", "skipped"):
-            dist.merge(paths.get(name, out), world, key=_key)
+            dist.merge(paths[name], world, key=_key)
         stats = compute_stats(out, cfg)
         paths["stats"].write_text(json.dumps(stats, indent=2), encoding="utf-8")
         plot_student_fraction(out, paths["histogram"], cfg)

@@ -40,7 +40,7 @@ class Decoded:
     finish_reason: str  # "stop" (end-of-turn token, included in tokens) or "length"
     teacher_mask: list[int] = field(default_factory=list)  # 1 = the teacher produced the token
     p_student: list[float] = field(default_factory=list)   # student's sampling prob of the token
-    p_teacher: list[float] = field(default_factory=list)   # teacher's temperature-1 prob of the token
+    p_teacher: list[float] = field(default_factory=list)   # teacher's (plain sampling: writer's) T=1 prob
     q: list[float] = field(default_factory=list)           # behaviour-policy prob of the token
 
 
@@ -204,7 +204,8 @@ def decode(
         else:
             chosen = t_student
             p_s = ps.gather(-1, chosen[:, None]).squeeze(-1)
-            p_t = torch.softmax(ls.float(), dim=-1).gather(-1, chosen[:, None]).squeeze(-1)
+            lf = ls.float()  # the writer's temperature-1 probability, without a full softmax
+            p_t = (lf.gather(-1, chosen[:, None]).squeeze(-1) - torch.logsumexp(lf, dim=-1)).exp()
             q = p_s
             by_teacher = torch.full_like(chosen, writer == "teacher", dtype=torch.bool)
 

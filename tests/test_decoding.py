@@ -119,3 +119,16 @@ def test_split_prefill_equals_joint_prefill(tiny):
     # A prompt shared between the groups falls back to the joint prefill.
     l3, _, _, _ = _prefill(model, s + s, 0, groups=2)
     assert torch.allclose(l3[:3], l3[3:])
+
+
+def test_plain_sampling_records_the_writers_probabilities(tiny):
+    model, tok = tiny
+    s = _prompts(tok, PROBLEMS[:1])
+    r = decode(model, s, generators=_gens(1), max_new_tokens=5, stop_ids=[2], pad_id=0, temperature=0.7,
+               writer="teacher")[0]
+    assert r.teacher_mask == [1] * len(r.tokens)
+    with torch.no_grad():
+        for i, t in enumerate(r.tokens):
+            logits = model(torch.tensor([s[0] + r.tokens[:i]])).logits[0, -1]
+            assert abs(r.p_teacher[i] - logits.softmax(-1)[t].item()) < 1e-5
+            assert abs(r.p_student[i] - (logits / 0.7).softmax(-1)[t].item()) < 1e-5 and r.q[i] == r.p_student[i]

@@ -263,7 +263,7 @@ def plot_student_fraction(out: Path, png: Path, cfg: SynthConfig) -> None:
     ax.set_xlim(0, 1)
     ax.set_xlabel("student-token fraction per problem")
     ax.set_ylabel("problems")
-    ax.set_title(f"Synthesis ({cfg.mode}, tau={cfg.tau}): {model_label(cfg.model)[:40]}\n"
+    ax.set_title(f"Synthesis ({cfg.mode}, tau={cfg.tau}): {model_label(cfg.model)[:60]}\n"
                  f"data: {cfg.data.source} ({cfg.data.split})", fontsize=9)
     ax.legend()
     fig.tight_layout()

@@ -38,6 +38,7 @@ import math
 import os
 import re
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -233,9 +234,6 @@ def summarize(records: list[dict], problem_ids: list[str], n: int, ks: list[int]
         }
     top = str(max(budgets))
     samples = [r for rs in by_id.values() for r in rs]
-    finish: dict[str, int] = {}
-    for r in samples:
-        finish[r["finish_reason"]] = finish.get(r["finish_reason"], 0) + 1
     found = [r["answer_token_index"] for r in samples if r.get("answer_token_index") is not None]
     return {
         "n_problems": len(problem_ids), "n": n, "ks": ks, "budgets": list(budgets),
@@ -244,7 +242,7 @@ def summarize(records: list[dict], problem_ids: list[str], n: int, ks: list[int]
         "by_budget": out_budgets,
         "mean_tokens": float(np.mean([r["n_tokens"] for r in samples])),
         "correct_samples": out_budgets[top]["correct_samples"],
-        "finish_reasons": finish,
+        "finish_reasons": dict(Counter(r["finish_reason"] for r in samples)),
         "answer_found_fraction": len(found) / len(samples),
         "mean_answer_token_index": float(np.mean(found)) if found else None,
         "per_problem_correct": {pid: sum(bool(r["correct"]) for r in by_id[pid]) for pid in problem_ids},

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -164,9 +165,11 @@ def synthesize(cfg: SynthConfig, model: Any = None, tokenizer: Any = None,
     if rank == 0:
         for name in ("out", "rejected", "skipped"):
             dist.merge(paths[name], world, key=_key)
-        stats = compute_stats(out, cfg)
+        kept, rejected = read_records(out), read_records(paths["rejected"])
+        fractions = student_fractions(kept + rejected)
+        stats = compute_stats(kept, rejected, len(read_records(paths["skipped"])), fractions, out, cfg)
         paths["stats"].write_text(json.dumps(stats, indent=2), encoding="utf-8")
-        plot_student_fraction(out, paths["histogram"], cfg)
+        plot_student_fraction(fractions, paths["histogram"], cfg)
         for p in out.parent.glob("throughput.rank*.json"):
             p.unlink()
         log.info("synthetic set: %s (%s)", out, _summary_line(stats))
@@ -205,35 +208,34 @@ def _runs(mask: list[int]) -> int:
     return sum(1 for i, m in enumerate(mask) if m and (i == 0 or not mask[i - 1]))
 
 
-def compute_stats(out: Path, cfg: SynthConfig) -> dict:
-    paths = side_paths(out)
-    kept = read_records(out)
-    rejected = read_records(paths["rejected"])
-    skipped = read_records(paths["skipped"])
+def student_fractions(records: list[dict]) -> dict[str, float]:
+    """Per problem: the fraction of its trajectory tokens the student wrote (all samples pooled)."""
+    masks: dict[str, list[int]] = {}
+    for r in records:
+        masks.setdefault(r["id"], []).extend(r["teacher_mask"])
+    return {pid: 1 - sum(m) / len(m) for pid, m in masks.items() if m}
+
+
+def compute_stats(kept: list[dict], rejected: list[dict], skipped: int, fractions: dict[str, float],
+                  out: Path, cfg: SynthConfig) -> dict:
+    """Statistics of every trajectory written, kept in the training set or rejected by `keep`."""
     records = kept + rejected
     n_tok = sum(len(r["teacher_mask"]) for r in records)
     n_teacher = sum(sum(r["teacher_mask"]) for r in records)
-    per_problem: dict[str, list[int]] = {}
-    for r in records:
-        per_problem.setdefault(r["id"], []).extend(r["teacher_mask"])
-    finish: dict[str, int] = {}
-    for r in records:
-        finish[r["finish_reason"]] = finish.get(r["finish_reason"], 0) + 1
     graded = [r["correct"] for r in records if r.get("correct") is not None]
     lengths = sorted(len(r["trajectory_ids"]) for r in records)
     return {
         "mode": cfg.mode, "tau": cfg.tau, "temperature": cfg.temperature, "top_p": cfg.top_p,
-        "trajectories": len(records), "kept": len(kept), "rejected": len(rejected), "skipped": len(skipped),
-        "problems": len(per_problem),
+        "trajectories": len(records), "kept": len(kept), "rejected": len(rejected), "skipped": skipped,
+        "problems": len(fractions),
         "student_token_fraction": round(1 - n_teacher / n_tok, 4) if n_tok else None,
         "teacher_interventions_per_100_tokens":
             round(100 * sum(_runs(r["teacher_mask"]) for r in records) / n_tok, 3) if n_tok else None,
         "mean_student_fraction_per_problem":
-            round(sum(1 - sum(m) / len(m) for m in per_problem.values() if m) / len(per_problem), 4)
-            if per_problem else None,
+            round(sum(fractions.values()) / len(fractions), 4) if fractions else None,
         "mean_length": round(n_tok / len(records), 1) if records else None,
         "median_length": lengths[len(lengths) // 2] if lengths else None,
-        "finish_reasons": finish,
+        "finish_reasons": dict(Counter(r["finish_reason"] for r in records)),
         "graded": len(graded), "correct": sum(graded),
         "correct_fraction": round(sum(graded) / len(graded), 4) if graded else None,
         **_read_throughput(out),
@@ -247,18 +249,14 @@ def _summary_line(stats: dict) -> str:
             f"correct {stats['correct']}/{stats['graded']}, {stats['tokens_per_second']} tok/s")
 
 
-def plot_student_fraction(out: Path, png: Path, cfg: SynthConfig) -> None:
+def plot_student_fraction(fractions: dict[str, float], png: Path, cfg: SynthConfig) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    per_problem: dict[str, list[int]] = {}
-    for r in read_records(out) + read_records(side_paths(out)["rejected"]):
-        per_problem.setdefault(r["id"], []).extend(r["teacher_mask"])
-    fractions = [1 - sum(m) / len(m) for m in per_problem.values() if m]
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    ax.hist(fractions, bins=[i / 20 for i in range(21)], color="tab:blue", edgecolor="white",
+    ax.hist(list(fractions.values()), bins=[i / 20 for i in range(21)], color="tab:blue", edgecolor="white",
             label=f"{len(fractions)} problems")
     ax.set_xlim(0, 1)
     ax.set_xlabel("student-token fraction per problem")

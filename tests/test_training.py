@@ -283,7 +283,7 @@ def test_two_processes_match_one(tiny_dir, synth, tmp_path):
     (tmp_path / "two.yaml").write_text(yaml.safe_dump({**cfg, "out": str(tmp_path / "two")}))
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "-m", "dail.training", "--config", str(tmp_path / "two.yaml")],
+                           "-m", "dail.cli", "train", "--config", str(tmp_path / "two.yaml")],
                           capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((tmp_path / "two" / "train_info.json").read_text())["processes"] == 2

@@ -553,23 +553,3 @@ def train(cfg: TrainConfig) -> Path:
             tok.save_pretrained(out / "merged")
     accelerator.wait_for_everyone()
     return adapter_dir
-
-
-def main(argv: list[str] | None = None) -> None:
-    """`python -m dail.training --config FILE.yaml [--field value ...]` (for `accelerate launch`)."""
-    import argparse
-
-    from dail.config import build, parse_flag_value
-
-    parser = argparse.ArgumentParser(description="DAIL stage 2 (the CLI's `dail train` is the usual entry)")
-    parser.add_argument("--config", default=None)
-    args, rest = parser.parse_known_args(argv)
-    overrides = {}
-    for flag, value in zip(rest[::2], rest[1::2]):
-        overrides[flag.lstrip("-")] = parse_flag_value(value)
-    logging.basicConfig(level=logging.INFO)
-    print(train(build(TrainConfig, args.config, overrides)))
-
-
-if __name__ == "__main__":
-    main()

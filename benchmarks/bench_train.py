@@ -72,7 +72,7 @@ def _libc():
     return ctypes.CDLL("libc.so.6")
 
 
-def run(batch: int, traj: int, rounds: int, variants: list[str]) -> dict:
+def run(batch: int, traj: int, rounds: int, variants: list[str], bf16: bool = False) -> dict:
     import torch
 
     from dail.config import ModelConfig, TrainConfig
@@ -99,7 +99,8 @@ def run(batch: int, traj: int, rounds: int, variants: list[str]) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-6)
     b = collate(seqs, tok.pad_token_id, ROLES)
-    refs = reference_hidden(model, b)  # the cache: computed once, outside the timed steps
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        refs = reference_hidden(model, b)  # the cache: computed once, outside the timed steps
     T = b.targets.shape[1]
     nll_cfg = dataclasses.replace(cfg, loss="nll")
 
@@ -110,6 +111,10 @@ def run(batch: int, traj: int, rounds: int, variants: list[str]) -> dict:
         return logits.gather(1, pos[..., None].expand(-1, -1, logits.shape[-1]))
 
     def step(variant: str) -> float:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            return _step(variant)
+
+    def _step(variant: str) -> float:
         if variant == "naive":
             s = dense_role_logits(model, b.inputs["student"])
             with torch.no_grad():
@@ -168,6 +173,8 @@ def main() -> None:
     ap.add_argument("--traj", type=int, default=128, help="trajectory tokens per sequence")
     ap.add_argument("--rounds", type=int, default=3, help="measured rounds (after one warm-up round)")
     ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--bf16", action="store_true", help="bf16 autocast (as training uses where the CPU "
+                    "has AMX or the GPU supports it)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 keeps CPU-time ratios steady "
                     "on a shared machine)")
     args = ap.parse_args()
@@ -175,7 +182,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     variants = args.variants.split(",")
-    out = run(args.batch, args.traj, args.rounds, variants)
+    out = run(args.batch, args.traj, args.rounds, variants, args.bf16)
 
     res = out["results"]
     ref = res.get("nll")

@@ -90,12 +90,13 @@ def test_contrastive_training_writes_loadable_adapter_and_role_switch_holds(tiny
 def test_live_teacher_hidden_equals_base_model_during_training(tiny, synth, tmp_path):
     """reference_hidden (adapter off, inside the training model) == plain base forwards."""
     from dail.models import attach_lora
-    from dail.training import build_sequences, collate, reference_hidden, role_hidden
+    from dail.training import MIN_SHARED_PREFIX, build_sequences, collate, reference_hidden, role_hidden
 
     model, tok = tiny
     cfg = _cfg("unused", synth, tmp_path)
     seqs = build_sequences(cfg, tok)
     batch = collate(seqs[:3], tok.pad_token_id, ("student", "teacher", "negative"))
+    assert batch.shared >= MIN_SHARED_PREFIX  # the shared-prefix path is the one under test
     T = batch.targets.shape[1]
     with torch.no_grad():
         want_t = role_hidden(model, batch.inputs["teacher"], T)
@@ -111,6 +112,32 @@ def test_live_teacher_hidden_equals_base_model_during_training(tiny, synth, tmp_
     with torch.no_grad():
         h_s_teacher_ctx = role_hidden(peft, batch.inputs["teacher"], T)  # adapter on
     assert (h_s_teacher_ctx - want_t)[batch.mask].abs().max() > 1e-3
+
+
+def test_shared_prefix_is_exact_and_ends_before_every_target(tiny, synth, tmp_path):
+    """The teacher/NR shared-prefix pass equals two full forwards, rows of unequal length included."""
+    from dail.training import MIN_SHARED_PREFIX, build_sequences, collate, reference_hidden
+
+    model, tok = tiny
+    seqs = build_sequences(_cfg("unused", synth, tmp_path), tok)
+    batch = collate(seqs, tok.pad_token_id, ("student", "teacher", "negative"))
+    for s in seqs:
+        t, n = s.contexts["teacher"], s.contexts["negative"]
+        assert t[: batch.shared] == n[: batch.shared] and batch.shared < min(len(t), len(n))
+    assert len({len(s.contexts["teacher"]) for s in seqs}) > 1 and len({len(s.target) for s in seqs}) > 1
+    lengths = []
+    hook = model.get_decoder().register_forward_hook(lambda m, args, kw, out: lengths.append(kw["input_ids"].shape[1]),
+                                                     with_kwargs=True)
+    shared = reference_hidden(model, batch)
+    batch.shared = 0  # force two full forwards
+    full = reference_hidden(model, batch)
+    hook.remove()
+    L_t, L_n = batch.inputs["teacher"][0].shape[1], batch.inputs["negative"][0].shape[1]
+    assert lengths[3:] == [L_t, L_n]  # the full forwards
+    assert lengths[0] >= MIN_SHARED_PREFIX and lengths[1:3] == [L_t - lengths[0], L_n - lengths[0]]
+    for a, b in zip(shared, full):
+        torch.testing.assert_close(a[batch.mask], b[batch.mask], rtol=1e-4, atol=1e-5)
+    assert collate(seqs, tok.pad_token_id, ("student",)).shared == 0
 
 
 def test_alignment_position_t_predicts_target_t(tiny, synth, tmp_path):

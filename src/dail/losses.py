@@ -111,8 +111,36 @@ def nll(logits: Tensor, targets: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
 # The LM head weight and bias are frozen (LoRA never touches the LM head), so they get none.
 
 
-def _logits(h: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    return F.linear(h, weight, bias)
+def _logits_into(out: Tensor, h: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """out ← h @ weightᵀ (+ bias) as fp32, in a reused (c, V) buffer.
+
+    Reusing buffers matters on CPU: a fresh (c, V) fp32 array is tens of MB, which the allocator
+    maps anew and the kernel zero-fills page by page on first touch, often costing more than
+    the arithmetic of the op that asked for it. Under autocast, or with a bf16/fp16 model, the
+    matmul runs in the compute dtype and is copied up to fp32.
+    """
+    if h.dtype == weight.dtype == torch.float32 and not torch.is_autocast_enabled(h.device.type):
+        torch.mm(h, weight.t(), out=out)
+        return out if bias is None else out.add_(bias)
+    return out.copy_(F.linear(h, weight, bias))
+
+
+def _grad_into(out: Tensor, dz: Tensor, weight: Tensor) -> None:
+    """out ← dz @ weight: the gradient of the loss with respect to hidden states (c, H)."""
+    if out.dtype == weight.dtype == torch.float32 and not torch.is_autocast_enabled(dz.device.type):
+        torch.mm(dz, weight, out=out)
+    else:
+        out.copy_(dz.to(weight.dtype) @ weight)
+
+
+def _log_softmax_(z: Tensor, scratch: Tensor) -> Tensor:
+    """z ← log_softmax(z) in place; `scratch` is left holding exp(z − max) (unnormalized).
+
+    Returns the row sums of `scratch` (c, 1), so scratch / sums is softmax(z)."""
+    z.sub_(z.amax(-1, keepdim=True))
+    sums = torch.exp(z, out=scratch).sum(-1, keepdim=True)
+    z.sub_(sums.log())
+    return sums
 
 
 def _fused_forward(h_s: Tensor, h_t: Tensor, h_n: Tensor, weight: Tensor, bias: Tensor | None,
@@ -120,29 +148,37 @@ def _fused_forward(h_s: Tensor, h_t: Tensor, h_n: Tensor, weight: Tensor, bias: 
                    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     sums = torch.zeros(3, dtype=torch.float32, device=h_s.device)
     grad_h = torch.zeros_like(h_s) if need_grad else None
+    rows = min(chunk_size, h_s.shape[0])
+    # Four (c, V) fp32 buffers, reused by every chunk: log-probs of the three roles and p_θ.
+    buf_s, buf_t, buf_n, buf_p = (torch.empty(rows, weight.shape[0], dtype=torch.float32, device=h_s.device)
+                                  for _ in range(4))
     for i in range(0, h_s.shape[0], chunk_size):
         sl = slice(i, i + chunk_size)
-        log_s = _logits(h_s[sl], weight, bias).float().log_softmax(-1)  # (c, V)
-        d_t = _logits(h_t[sl], weight, bias).float().log_softmax(-1)
-        d_n = _logits(h_n[sl], weight, bias).float().log_softmax(-1)
-        torch.sub(log_s, d_t, out=d_t)  # log p_θ − log p_T, in place
+        c = h_s[sl].shape[0]
+        log_s, d_t, d_n, p_s = buf_s[:c], buf_t[:c], buf_n[:c], buf_p[:c]
+        _log_softmax_(_logits_into(d_t, h_t[sl], weight, bias), p_s)  # log p_T
+        _log_softmax_(_logits_into(d_n, h_n[sl], weight, bias), p_s)  # log p_NR
+        p_s.div_(_log_softmax_(_logits_into(log_s, h_s[sl], weight, bias), p_s))  # log p_θ, and p_θ
+        torch.sub(log_s, d_t, out=d_t)  # log p_θ − log p_T
         torch.sub(log_s, d_n, out=d_n)  # log p_θ − log p_NR
-        p_s = log_s.exp_()              # log_s is no longer needed
-        kl_t = torch.linalg.vecdot(p_s, d_t)  # (c,) without a (c, V) product
-        kl_n = torch.linalg.vecdot(p_s, d_n)
+        kl_t = torch.mul(p_s, d_t, out=log_s).sum(-1)  # (c,); log p_θ is no longer needed
+        kl_n = torch.mul(p_s, d_n, out=log_s).sum(-1)
         if neg_cap > 0:
             g = torch.where(kl_n <= neg_cap, gamma, 0.0)  # clamp(max=cap) passes gradient where kl_n <= cap
             loss = kl_t - gamma * kl_n.clamp(max=neg_cap)
         else:
-            g = torch.full_like(kl_n, gamma)
+            g = None
             loss = kl_t - gamma * kl_n
         sums += torch.stack([loss.sum(), kl_t.sum(), kl_n.sum()])
         if need_grad:
             # l = Σ_v p_v a_v(log p), and Σ_v p_v ∂(log p_v)/∂z_k = p_k − p_k = 0 for the part of a
             # that depends on z, so ∂l/∂z_k = p_k (a_k − Σ_v p_v a_v) with Σ_v p_v a_v = KL_T − g KL_NR.
-            a = d_t.addcmul_(d_n, g[:, None], value=-1.0)
-            dz = a.sub_((kl_t - g * kl_n)[:, None]).mul_(p_s)  # (c, V)
-            grad_h[sl] = (dz.to(weight.dtype) @ weight).to(grad_h.dtype)  # (c, H)
+            if g is None:
+                a, mean_a = d_t.add_(d_n, alpha=-gamma), kl_t - gamma * kl_n
+            else:
+                a, mean_a = d_t.addcmul_(d_n, g[:, None], value=-1.0), kl_t - g * kl_n
+            dz = a.sub_(mean_a[:, None]).mul_(p_s)  # (c, V)
+            _grad_into(grad_h[sl], dz, weight)
     return sums[0], sums[1], sums[2], grad_h
 
 
@@ -186,14 +222,17 @@ class _FusedNLL(torch.autograd.Function):
         need_grad = ctx.needs_input_grad[0]
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         grad_h = torch.zeros_like(h) if need_grad else None
+        buf = torch.empty(min(chunk_size, h.shape[0]), weight.shape[0], dtype=torch.float32, device=h.device)
         for i in range(0, h.shape[0], chunk_size):
             sl = slice(i, i + chunk_size)
-            log_p = _logits(h[sl], weight, bias).float().log_softmax(-1)  # (c, V)
-            picked = log_p.gather(-1, tgt[sl, None])
-            total -= picked.sum()
+            z = _logits_into(buf[: h[sl].shape[0]], h[sl], weight, bias)  # (c, V)
+            z.sub_(z.amax(-1, keepdim=True))
+            picked = z.gather(-1, tgt[sl, None])
+            sums = z.exp_().sum(-1, keepdim=True)
+            total -= (picked - sums.log()).sum()  # log softmax at the target
             if need_grad:
-                dz = log_p.exp_().scatter_add_(-1, tgt[sl, None], torch.full_like(picked, -1.0))
-                grad_h[sl] = (dz.to(weight.dtype) @ weight).to(grad_h.dtype)
+                dz = z.div_(sums).scatter_add_(-1, tgt[sl, None], torch.full_like(picked, -1.0))
+                _grad_into(grad_h[sl], dz, weight)
         ctx.save_for_backward(grad_h)
         return total
 

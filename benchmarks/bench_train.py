@@ -1,6 +1,7 @@
-"""Training-step cost of the DAIL loss against plain NLL, on the embedded model.
+"""Training-step cost of the DAIL loss against plain NLL, on the embedded model or a real shape.
 
     python benchmarks/bench_train.py [--batch 2] [--traj 128] [--rounds 3]
+    python benchmarks/bench_train.py --shape qwen2.5-1.5b --variants nll,contrastive,ref-cache,refs-only
 
 One optimizer step (forward, backward, AdamW) over the same batch for each variant:
 - nll:         student forward only, chunked cross-entropy (the `nll` ablation's step);
@@ -9,7 +10,12 @@ One optimizer step (forward, backward, AdamW) over the same batch for each varia
 - ref-cache:   DAIL with the teacher's and NR's final hidden states precomputed, so the step
                runs only the student (`ref_cache: true`);
 - naive:       three model copies (copy.deepcopy) and dense (B, L, V) logits for every role,
-               then `contrastive_terms` on them.
+               then `contrastive_terms` on them;
+- refs-only:   not a step: only the teacher and NR forwards (as `dail.training` runs them) and
+               their two LM-head matmuls. nll + refs-only is a lower bound for any exact live
+               step, which must do that work on top of the student's.
+
+`--shape` swaps the embedded model for a Qwen2.5 shape with random weights (same token ids).
 
 All variants share one process and one loaded model (the naive one adds its two copies).
 Step time: the variants run interleaved, round after round, and the median per variant is
@@ -35,7 +41,27 @@ import tempfile
 import time
 from pathlib import Path
 
-VARIANTS = ("nll", "contrastive", "ref-cache", "naive")
+VARIANTS = ("nll", "contrastive", "ref-cache", "naive", "refs-only")
+
+# Realistic shapes, random weights (the tokenizer is the embedded model's: its ids fit every vocabulary).
+SHAPES = {
+    "qwen2.5-0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                         num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+    "qwen2.5-1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                         num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+    "qwen2.5-7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                       num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False),
+}
+
+
+def random_model(shape: str):
+    """A Qwen2 model of `shape` with random weights (fp32), for timing real model shapes."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(**SHAPES[shape], max_position_embeddings=4096, rope_theta=1e6, rms_norm_eps=1e-6)
+    return Qwen2ForCausalLM(cfg).eval()
 
 
 def _status(field: str) -> int:
@@ -72,13 +98,14 @@ def _libc():
     return ctypes.CDLL("libc.so.6")
 
 
-def run(batch: int, traj: int, rounds: int, variants: list[str], bf16: bool = False) -> dict:
+def run(batch: int, traj: int, rounds: int, variants: list[str], bf16: bool = False,
+        shape: str = "embedded") -> dict:
     import torch
 
     from dail.config import ModelConfig, TrainConfig
-    from dail.losses import contrastive_terms
+    from dail.losses import contrastive_terms, free_workspace
     from dail.models import attach_lora, load_model, load_tokenizer
-    from dail.training import ROLES, batch_loss, build_sequences, collate, reference_hidden
+    from dail.training import ROLES, batch_loss, build_sequences, collate, lm_head_params, reference_hidden
 
     torch.manual_seed(0)
     tok = load_tokenizer(ModelConfig())
@@ -88,7 +115,7 @@ def run(batch: int, traj: int, rounds: int, variants: list[str], bf16: bool = Fa
         cfg = TrainConfig(model=ModelConfig(device="cpu"), data=str(data), out=tmp, batch_size=batch,
                           micro_batch_size=batch)
         seqs = build_sequences(cfg, tok)
-    base = load_model(cfg.model, device=torch.device("cpu"))
+    base = load_model(cfg.model, device=torch.device("cpu")) if shape == "embedded" else random_model(shape)
     copies = [copy.deepcopy(base), copy.deepcopy(base)] if "naive" in variants else []  # naive only
     model = attach_lora(base, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules)
     model.train()
@@ -121,6 +148,14 @@ def run(batch: int, traj: int, rounds: int, variants: list[str], bf16: bool = Fa
                 t = dense_role_logits(copies[0], b.inputs["teacher"])
                 n = dense_role_logits(copies[1], b.inputs["negative"])
             sums = contrastive_terms(s, t, n, b.mask, cfg.gamma)
+        elif variant == "refs-only":
+            # The work no exact live implementation can skip beyond the nll step: both reference
+            # forwards, and the two reference LM-head matmuls (no student, no loss, no step).
+            with torch.no_grad():
+                weight, _ = lm_head_params(model)
+                for h in reference_hidden(model, b):
+                    h[b.mask] @ weight.T
+            return float("nan")
         elif variant == "nll":
             sums = batch_loss(model, b, nll_cfg)
         else:
@@ -155,6 +190,7 @@ def run(batch: int, traj: int, rounds: int, variants: list[str], bf16: bool = Fa
     libc.mallopt(-3, 65536)  # M_MMAP_THRESHOLD
     peaks = {}
     for v in variants:
+        free_workspace()  # the loss's kept CPU buffers count in the step that builds them
         libc.malloc_trim(0)
         rss = _status("VmRSS")
         _reset_peak()
@@ -173,6 +209,8 @@ def main() -> None:
     ap.add_argument("--traj", type=int, default=128, help="trajectory tokens per sequence")
     ap.add_argument("--rounds", type=int, default=3, help="measured rounds (after one warm-up round)")
     ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--shape", default="embedded", choices=["embedded", *SHAPES],
+                    help="the embedded model, or a Qwen2.5 shape with random weights")
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast (as training uses where the CPU "
                     "has AMX or the GPU supports it)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 keeps CPU-time ratios steady "
@@ -182,12 +220,14 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     variants = args.variants.split(",")
-    out = run(args.batch, args.traj, args.rounds, variants, args.bf16)
+    out = run(args.batch, args.traj, args.rounds, variants, args.bf16, args.shape)
 
     res = out["results"]
     ref = res.get("nll")
     print(f"machine: {platform.machine()} {_cpu_name()}, {os.cpu_count()} CPU cores, torch {torch.__version__} "
-          f"({torch.get_num_threads()} threads), fp32, load average at end {os.getloadavg()[0]:.1f}")
+          f"({torch.get_num_threads()} threads), {'bf16 autocast' if args.bf16 else 'fp32'}, "
+          f"load average at end {os.getloadavg()[0]:.1f}")
+    print(f"model: {args.shape}{'' if args.shape == 'embedded' else ' (random weights)'}")
     print(f"batch: {out['rows']} sequences x {args.traj} trajectory tokens = {out['tokens']} loss tokens; "
           f"input lengths {json.dumps(out['lens'])}")
     print(f"{'variant':<12} {'cpu s':>7} {'x nll':>6} {'wall s':>7} {'x nll':>6} {'peak MiB':>9} {'x nll':>6}"
@@ -198,6 +238,9 @@ def main() -> None:
         mr = f"{r['peak_mib'] / ref['peak_mib']:.2f}" if ref else "-"
         print(f"{v:<12} {r['cpu_s']:>7.2f} {cr:>6} {r['step_s']:>7.2f} {tr:>6} {r['peak_mib']:>9.0f} {mr:>6}  "
               + " ".join(f"{t:.2f}" for t in r["step_s_all"]))
+    if ref and "refs-only" in res:
+        floor = (ref["cpu_s"] + res["refs-only"]["cpu_s"]) / ref["cpu_s"]
+        print(f"lower bound for live contrastive (nll step + refs-only) / nll: {floor:.2f} (cpu time)")
 
 
 def _cpu_name() -> str:

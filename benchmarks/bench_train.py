@@ -76,21 +76,24 @@ def _reset_peak() -> None:
     Path("/proc/self/clear_refs").write_text("5")
 
 
-def write_data(tok, path: Path, batch: int, traj: int) -> None:
-    """`batch` synthetic records whose trajectories are `traj` tokens long (ids, end-of-turn last)."""
+def write_data(tok, path: Path, batch: int, traj: int, problems: int) -> None:
+    """`batch` synthetic records over `problems` problems (samples of a problem are adjacent,
+    as `group_by_problem` orders them), each trajectory `traj` tokens long, end-of-turn last."""
     from dail.training import end_of_turn_id
 
     text = ("First, Tom has 3 apples. He buys 4 more, so he has 3 + 4 = 7 apples. Then he gives away 2, "
             "leaving 7 - 2 = 5. Each apple costs 2 dollars, so 5 apples cost 5 * 2 = 10 dollars. ") * 40
+    per_problem = -(-batch // problems)
     with open(path, "w", encoding="utf-8") as fh:
         for i in range(batch):
+            p = i // per_problem
             ids = tok(text, add_special_tokens=False)["input_ids"][i: i + traj - 1] + [end_of_turn_id(tok)]
             fh.write(json.dumps({
-                "id": f"b{i}", "problem": f"Tom has {3 + i} apples and buys 4 more. He gives 2 away and sells "
+                "id": f"b{p}", "problem": f"Tom has {3 + p} apples and buys 4 more. He gives 2 away and sells "
                 "the rest for 2 dollars each. How much money does he get?",
-                "solution": f"{3 + i}+4={7 + i}. {7 + i}-2={5 + i}. {5 + i}*2={10 + 2 * i}. #### {10 + 2 * i}",
+                "solution": f"{3 + p}+4={7 + p}. {7 + p}-2={5 + p}. {5 + p}*2={10 + 2 * p}. #### {10 + 2 * p}",
                 "landmarks": None, "trajectory_ids": ids, "teacher_mask": [0] * len(ids),
-                "finish_reason": "stop", "sample_index": 0, "correct": None}) + "\n")
+                "finish_reason": "stop", "sample_index": i % per_problem, "correct": None}) + "\n")
 
 
 def _libc():
@@ -99,7 +102,7 @@ def _libc():
 
 
 def run(batch: int, traj: int, rounds: int, variants: list[str], bf16: bool = False,
-        shape: str = "embedded") -> dict:
+        shape: str = "embedded", problems: int = 1) -> dict:
     import torch
 
     from dail.config import ModelConfig, TrainConfig
@@ -111,7 +114,7 @@ def run(batch: int, traj: int, rounds: int, variants: list[str], bf16: bool = Fa
     tok = load_tokenizer(ModelConfig())
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "synthetic.jsonl"
-        write_data(tok, data, batch, traj)
+        write_data(tok, data, batch, traj, problems)
         cfg = TrainConfig(model=ModelConfig(device="cpu"), data=str(data), out=tmp, batch_size=batch,
                           micro_batch_size=batch)
         seqs = build_sequences(cfg, tok)
@@ -206,6 +209,8 @@ def run(batch: int, traj: int, rounds: int, variants: list[str], bf16: bool = Fa
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--batch", type=int, default=2, help="sequences per step (one micro-batch)")
+    ap.add_argument("--problems", type=int, default=0, help="distinct problems in the batch (default "
+                    "batch / 2: dail synth's 2 samples per problem, kept together by group_by_problem)")
     ap.add_argument("--traj", type=int, default=128, help="trajectory tokens per sequence")
     ap.add_argument("--rounds", type=int, default=3, help="measured rounds (after one warm-up round)")
     ap.add_argument("--variants", default=",".join(VARIANTS))
@@ -220,7 +225,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     variants = args.variants.split(",")
-    out = run(args.batch, args.traj, args.rounds, variants, args.bf16, args.shape)
+    problems = args.problems or max(1, args.batch // 2)
+    out = run(args.batch, args.traj, args.rounds, variants, args.bf16, args.shape, problems)
 
     res = out["results"]
     ref = res.get("nll")
@@ -228,7 +234,8 @@ def main() -> None:
           f"({torch.get_num_threads()} threads), {'bf16 autocast' if args.bf16 else 'fp32'}, "
           f"load average at end {os.getloadavg()[0]:.1f}")
     print(f"model: {args.shape}{'' if args.shape == 'embedded' else ' (random weights)'}")
-    print(f"batch: {out['rows']} sequences x {args.traj} trajectory tokens = {out['tokens']} loss tokens; "
+    print(f"batch: {out['rows']} sequences ({problems} problems) x {args.traj} trajectory tokens = "
+          f"{out['tokens']} loss tokens; "
           f"input lengths {json.dumps(out['lens'])}")
     print(f"{'variant':<12} {'cpu s':>7} {'x nll':>6} {'wall s':>7} {'x nll':>6} {'peak MiB':>9} {'x nll':>6}"
           "  all wall times")

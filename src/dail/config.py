@@ -133,6 +133,10 @@ class TrainConfig:
                          "positions at a time, so memory does not grow with 3 x T x V.")
     max_length: int = _f(2048, "Skip examples whose longest role context + trajectory exceeds this.")
     seed: int = _f(0, "Seed for LoRA init and data order.")
+    group_by_problem: bool = _f(True, "Shuffle problems, not samples: a problem's samples stay next to "
+                                "each other in the data order, so a micro-batch holding several of them "
+                                "runs the teacher and NR contexts once. Beyond the paper; false shuffles "
+                                "samples one by one.")
     gradient_checkpointing: bool = _f(False, "Recompute the decoder's activations in the backward pass "
                                       "(less memory, about 30% more compute).")
     save_every: int = _f(50, "Write a resumable checkpoint (adapter, optimizer, scheduler, step, RNG) to "

@@ -16,13 +16,15 @@ backpropagates `loss_sum / global_count` (times the number of processes, because
 averages gradients). The step's loss is exactly `Σ_t l_t / Σ_t mask_t` over the whole step.
 
 Data order: the examples form one stream, the concatenation of a seeded permutation per
-epoch; optimizer step k takes items [k·batch_size, (k+1)·batch_size) of it, and process r
-takes its contiguous share. So a step's global batch does not depend on the number of
+epoch (of problems, each followed by its samples, with `group_by_problem`); optimizer step k
+takes items [k·batch_size, (k+1)·batch_size) of it, and process r takes its contiguous share. So a step's global batch does not depend on the number of
 processes, and resuming at step k needs nothing but k.
 
-Beyond the paper: chunked loss from hidden states (losses.py), resumable atomic checkpoints,
-a stop on non-finite loss that keeps the last good checkpoint, and an optional reference
-cache (`ref_cache`) of the teacher's and NR's final hidden states.
+Beyond the paper: chunked loss from hidden states (losses.py), a reference pass that computes
+each context once (the teacher/NR shared prefix, and a problem's context for all its samples
+in the micro-batch), resumable atomic checkpoints, a stop on non-finite loss that keeps the
+last good checkpoint, and an optional reference cache (`ref_cache`) of the teacher's and NR's
+final hidden states.
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ class Sequence:
     id: str
     target: list[int]               # trajectory ids (contrastive, nll) or expert solution + end-of-turn (sft)
     contexts: dict[str, list[int]]  # role -> chat-formatted prompt ids; only "student" for nll/sft
+    problem: str = ""               # the problem's id: a problem's samples share it (and their contexts)
 
 
 _SYNTH_FIELDS = {"id": (str, int), "problem": str, "solution": str, "trajectory_ids": list}
@@ -97,7 +100,7 @@ def build_sequences(cfg: TrainConfig, tok: Any) -> list[Sequence]:
         for ex in examples:
             # The raw expert solution, as the dataset gives it (the `sft` baseline of the paper).
             target = tok(ex.solution, add_special_tokens=False)["input_ids"] + [eot]
-            seqs.append(Sequence(ex.id, target, {"student": render(tok, student_messages(ex.problem))}))
+            seqs.append(Sequence(ex.id, target, {"student": render(tok, student_messages(ex.problem))}, ex.id))
     else:
         for rec in _synthetic_records(cfg.data):
             ctx = {"student": render(tok, student_messages(rec["problem"]))}
@@ -108,7 +111,7 @@ def build_sequences(cfg: TrainConfig, tok: Any) -> list[Sequence]:
                 ctx["teacher"] = render(tok, teacher_messages(rec["problem"], rec["solution"]))
                 ctx["negative"] = render(tok, negative_messages(rec["problem"], marks))
             sid = f"{rec['id']}#{rec.get('sample_index', 0)}"
-            seqs.append(Sequence(sid, list(rec["trajectory_ids"]), ctx))
+            seqs.append(Sequence(sid, list(rec["trajectory_ids"]), ctx, str(rec["id"])))
     kept = [s for s in seqs if max(len(c) for c in s.contexts.values()) + len(s.target) <= cfg.max_length]
     if len(kept) < len(seqs):
         warnings.warn(f"{cfg.data}: skipped {len(seqs) - len(kept)} of {len(seqs)} examples longer than "
@@ -119,22 +122,57 @@ def build_sequences(cfg: TrainConfig, tok: Any) -> list[Sequence]:
 
 
 @dataclass
+class SharedContexts:
+    """The teacher and NR inputs of a micro-batch, laid out so each piece is computed once.
+
+    Rows of one problem have identical contexts, and both roles' contexts open with the same
+    P tokens (chat header, instruction, problem). For U distinct problems and B rows:
+    `prefix` (U, P) is each problem's shared opening; `rest` = (ids, attention) (2U, R) is the
+    rest of each context but its last token, right-padded, teacher contexts first, then NR;
+    `pick` (2B,) is the `rest` row of each teacher row, then of each NR row; `traj` =
+    (ids, attention) (2B, T) is that role's last context token and then the row's target[:-1];
+    `traj_pos` (2B,) is the position of that first token. See `reference_hidden`.
+    """
+    prefix: torch.Tensor
+    rest: tuple[torch.Tensor, torch.Tensor]
+    pick: torch.Tensor
+    traj: tuple[torch.Tensor, torch.Tensor]
+    traj_pos: torch.Tensor
+
+    def to(self, device: torch.device) -> "SharedContexts":
+        return SharedContexts(self.prefix.to(device), tuple(x.to(device) for x in self.rest), self.pick.to(device),
+                              tuple(x.to(device) for x in self.traj), self.traj_pos.to(device))
+
+
+@dataclass
 class Batch:
     """Right-padded role inputs and the aligned targets.
 
     inputs[role] = (ids (B, L_role), attention (B, L_role), start (B,)): context + target[:-1],
     and `start` is the position whose output predicts target token 0 (last context position).
     targets and mask are (B, T) with T the longest target; mask is True on target tokens.
+    `shared` is the same teacher / NR input split for `reference_hidden` (contrastive only).
     """
     ids: list[str]
     inputs: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
     targets: torch.Tensor
     mask: torch.Tensor
-    shared: int = 0  # leading positions where teacher and NR inputs agree in every row (see reference_hidden)
+    shared: SharedContexts | None = None
 
     def to(self, device: torch.device) -> "Batch":
         inputs = {r: tuple(x.to(device) for x in v) for r, v in self.inputs.items()}
-        return Batch(self.ids, inputs, self.targets.to(device), self.mask.to(device), self.shared)
+        return Batch(self.ids, inputs, self.targets.to(device), self.mask.to(device),
+                     None if self.shared is None else self.shared.to(device))
+
+
+def _right_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    L = max(len(r) for r in rows)
+    ids = torch.full((len(rows), L), pad_id, dtype=torch.long)
+    attn = torch.zeros(len(rows), L, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        attn[i, : len(r)] = 1
+    return ids, attn
 
 
 def collate(seqs: list[Sequence], pad_id: int, roles: tuple[str, ...]) -> Batch:
@@ -146,24 +184,45 @@ def collate(seqs: list[Sequence], pad_id: int, roles: tuple[str, ...]) -> Batch:
         mask[i, : len(s.target)] = True
     inputs = {}
     for role in roles:
-        rows = [s.contexts[role] + s.target[:-1] for s in seqs]
-        L = max(len(r) for r in rows)
-        ids = torch.full((len(seqs), L), pad_id, dtype=torch.long)
-        attn = torch.zeros(len(seqs), L, dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, : len(r)] = torch.tensor(r)
-            attn[i, : len(r)] = 1
-        start = torch.tensor([len(s.contexts[role]) - 1 for s in seqs])
-        inputs[role] = (ids, attn, start)
-    shared = 0
+        ids, attn = _right_pad([s.contexts[role] + s.target[:-1] for s in seqs], pad_id)
+        inputs[role] = (ids, attn, torch.tensor([len(s.contexts[role]) - 1 for s in seqs]))
+    shared = None
     if "teacher" in roles and "negative" in roles:
-        # Stop one short of each context's end, so every target-predicting position is after it.
-        shared = min(min(_common_prefix(s.contexts["teacher"], s.contexts["negative"]),
-                         len(s.contexts["teacher"]) - 1, len(s.contexts["negative"]) - 1) for s in seqs)
-    return Batch([s.id for s in seqs], inputs, targets, mask, max(shared, 0))
+        shared = _shared_contexts(seqs, pad_id)
+    return Batch([s.id for s in seqs], inputs, targets, mask, shared)
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
+def _shared_contexts(seqs: list[Sequence], pad_id: int) -> SharedContexts:
+    problems: dict[tuple, int] = {}
+    row = [problems.setdefault((tuple(s.contexts["teacher"]), tuple(s.contexts["negative"])), len(problems))
+           for s in seqs]
+    U = len(problems)
+    ctx = [t for t, _ in problems] + [n for _, n in problems]  # the U teacher contexts, then the U NR ones
+    # The prefix ends at least two tokens before each context's end, so every rest keeps a token.
+    P = max(0, min(min(_common_prefix(t, n), len(t) - 2, len(n) - 2) for t, n in problems))
+    pick = row + [U + u for u in row]
+    B = len(seqs)
+    traj_ids, traj_attn = _right_pad([[ctx[k][-1]] + seqs[i % B].target[:-1] for i, k in enumerate(pick)], pad_id)
+    return SharedContexts(prefix=torch.tensor([list(t[:P]) for t, _ in problems], dtype=torch.long).reshape(U, P),
+                          rest=_right_pad([list(c[P:-1]) for c in ctx], pad_id), pick=torch.tensor(pick),
+                          traj=(traj_ids, traj_attn), traj_pos=torch.tensor([len(ctx[k]) - 1 for k in pick]))
+
+
+def epoch_order(seqs: list[Sequence], seed: int, group_by_problem: bool) -> list[int]:
+    """One epoch of the example stream: a seeded permutation of the examples, or with
+    `group_by_problem` a seeded permutation of the problems, each followed by all its samples
+    (in file order), so samples of one problem tend to share micro-batches."""
+    gen = torch.Generator().manual_seed(seed)
+    if not group_by_problem:
+        return torch.randperm(len(seqs), generator=gen).tolist()
+    groups: dict[str, list[int]] = {}
+    for i, s in enumerate(seqs):
+        groups.setdefault(s.problem, []).append(i)
+    order = list(groups.values())
+    return [i for g in torch.randperm(len(order), generator=gen).tolist() for i in order[g]]
+
+
+def _common_prefix(a: Any, b: Any) -> int:
     n = 0
     for x, y in zip(a, b):
         if x != y:
@@ -188,13 +247,14 @@ def lm_head_params(model: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
     return head.weight, getattr(head, "bias", None)
 
 
-def final_hidden(model: Any, ids: torch.Tensor, attn: torch.Tensor, cache: Any = None) -> torch.Tensor:
+def final_hidden(model: Any, ids: torch.Tensor, attn: torch.Tensor, cache: Any = None,
+                 position_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Final (normed) hidden states (B, L, H) of the decoder, without building (B, L, V) logits.
 
     The call goes through the full (possibly DDP-wrapped) model so gradient sync works; only
     the last position's logits are built (`logits_to_keep=1`), and a forward hook on the
-    decoder picks up its output. With a KV `cache`, `ids` continue the cached positions
-    (`attn` then covers cached + new positions) and the cache grows by them.
+    decoder picks up its output. With a KV `cache`, `ids` continue the cached columns (`attn`
+    then covers cached + new columns, `position_ids` place them) and the cache grows by them.
     """
     captured = {}
 
@@ -206,32 +266,25 @@ def final_hidden(model: Any, ids: torch.Tensor, attn: torch.Tensor, cache: Any =
         if cache is None:
             model(input_ids=ids, attention_mask=attn, logits_to_keep=1, use_cache=False)
         else:
-            model(input_ids=ids, attention_mask=attn, logits_to_keep=1, use_cache=True, cache=cache)
+            model(input_ids=ids, attention_mask=attn, position_ids=position_ids, logits_to_keep=1, use_cache=True,
+                  cache=cache)
     finally:
         handle.remove()
     return captured["h"]
 
 
-def _gather_targets(h: torch.Tensor, start: torch.Tensor, T: int, offset: int = 0) -> torch.Tensor:
-    """(B, L, H) hidden states of positions offset.. -> the T positions from `start` on: (B, T, H)."""
-    pos = (start[:, None] - offset + torch.arange(T, device=h.device)).clamp(max=h.shape[1] - 1)  # padding clamps
-    return h.gather(1, pos[..., None].expand(-1, -1, h.shape[-1]))
-
-
 def role_hidden(model: Any, inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor], T: int) -> torch.Tensor:
     """Final hidden states at the T positions that predict the target tokens: (B, T, H)."""
     ids, attn, start = inputs
-    return _gather_targets(final_hidden(model, ids, attn), start, T)
-
-
-# Below this many shared leading tokens, the extra forward call costs more than it saves.
-MIN_SHARED_PREFIX = 16
+    h = final_hidden(model, ids, attn)
+    pos = (start[:, None] + torch.arange(T, device=ids.device)).clamp(max=h.shape[1] - 1)  # padding clamps
+    return h.gather(1, pos[..., None].expand(-1, -1, h.shape[-1]))
 
 
 @contextmanager
 def _eval_mode(model: Any) -> Iterator[None]:
     """The references are the frozen base model: no dropout, and no gradient checkpointing
-    (which would also refuse the KV cache of the shared prefix)."""
+    (which would also refuse the KV cache the shared contexts need)."""
     was_training = model.training
     model.eval()
     try:
@@ -243,29 +296,52 @@ def _eval_mode(model: Any) -> Iterator[None]:
 def reference_hidden(model: Any, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     """Teacher and negative-reference hidden states (B, T, H): base weights, no graph.
 
-    Both contexts open with the same chat header, instruction and problem (`batch.shared`
-    tokens), so that prefix runs once and both roles continue from its KV cache: the teacher
-    first, then the cache is cropped back to the prefix and the NR continues. This is the
-    same computation as two full forwards (equal within fp tolerance, tested) with less work.
+    With `batch.shared`, nothing is computed twice (`_shared_reference_hidden`); the result
+    equals two full forwards over `batch.inputs` within fp tolerance (tested). Models with
+    sliding-window layers, whose caches cannot be cropped back, run the two full forwards.
     """
     T = batch.targets.shape[1]
-    teacher, negative = batch.inputs["teacher"], batch.inputs["negative"]
     with torch.no_grad(), adapter_off(model), _eval_mode(model):
-        P = batch.shared
-        if P >= MIN_SHARED_PREFIX:
-            from transformers import DynamicCache
-            from transformers.cache_utils import DynamicLayer
+        if batch.shared is not None:
+            out = _shared_reference_hidden(model, batch.shared)
+            if out is not None:
+                return out
+        return role_hidden(model, batch.inputs["teacher"], T), role_hidden(model, batch.inputs["negative"], T)
 
-            cache = DynamicCache(config=_base(model).config)
-            final_hidden(model, teacher[0][:, :P], teacher[1][:, :P], cache)
-            if all(type(layer) is DynamicLayer for layer in cache.layers):  # crop-able (no sliding window)
-                out = []
-                for ids, attn, start in (teacher, negative):
-                    h = final_hidden(model, ids[:, P:], attn, cache)
-                    out.append(_gather_targets(h, start, T, offset=P))
-                    cache.crop(-h.shape[1])  # back to the shared prefix
-                return out[0], out[1]
-        return role_hidden(model, teacher, T), role_hidden(model, negative, T)
+
+def _shared_reference_hidden(model: Any, sc: SharedContexts) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Three forwards, one KV cache, every context token once:
+
+    1. the prefix shared by both roles, once per distinct problem (U rows);
+    2. the cache repeated for both roles (2U rows), and the rest of each role's context;
+    3. the cache picked for every row and role (2B rows: a problem's context serves all of
+       its samples), and each row's trajectory after each role's context.
+
+    Columns are padded on the right (the rests have different lengths), so step 3 attends over
+    masked gaps and gets explicit positions. The call count does not depend on the data (two
+    if the contexts share no token), so every process makes the same calls, which DDP (buffer
+    broadcast) and FSDP (all-gathers) need.
+    """
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    cache = DynamicCache(config=_base(model).config)
+    if not all(type(layer) is DynamicLayer for layer in cache.layers):
+        return None
+    U, P = sc.prefix.shape
+    dev = sc.prefix.device
+    if P:
+        final_hidden(model, sc.prefix, torch.ones_like(sc.prefix), cache)
+        cache.batch_select_indices(torch.arange(2 * U, device=dev) % U)
+    ids, attn = sc.rest
+    ctx_attn = torch.cat([torch.ones(2 * U, P, dtype=attn.dtype, device=dev), attn], 1)
+    final_hidden(model, ids, ctx_attn, cache, position_ids=P + torch.arange(ids.shape[1], device=dev).expand_as(ids))
+    cache.batch_select_indices(sc.pick)
+    ids, attn = sc.traj
+    pos = sc.traj_pos[:, None] + torch.arange(ids.shape[1], device=dev)
+    h = final_hidden(model, ids, torch.cat([ctx_attn[sc.pick], attn], 1), cache, position_ids=pos)
+    B = h.shape[0] // 2
+    return h[:B], h[B:]
 
 
 def batch_loss(model: Any, batch: Batch, cfg: TrainConfig,
@@ -308,12 +384,14 @@ def build_ref_cache(model: Any, seqs: list[Sequence], cfg: TrainConfig, tok: Any
             folder.mkdir(parents=True)
         accelerator.wait_for_everyone()
         mine = {}
-        for i in range(rank, len(seqs), world):
-            batch = collate([seqs[i]], tok.pad_token_id, ROLES).to(accelerator.device)
+        # Every process makes the same number of forward calls (DDP broadcasts buffers and FSDP
+        # all-gathers in each): the last share is padded by repeating an example.
+        for i in range(rank, math.ceil(len(seqs) / world) * world, world):
+            s = seqs[min(i, len(seqs) - 1)]
+            batch = collate([s], tok.pad_token_id, ROLES).to(accelerator.device)
             with accelerator.autocast():
                 h_t, h_n = reference_hidden(model, batch)
-            n = len(seqs[i].target)
-            mine[seqs[i].id] = (h_t[0, :n].cpu(), h_n[0, :n].cpu())
+            mine[s.id] = (h_t[0, : len(s.target)].cpu(), h_n[0, : len(s.target)].cpu())
         torch.save(mine, folder / f"rank{rank}-of-{world}.pt")
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
@@ -526,10 +604,8 @@ def train(cfg: TrainConfig) -> Path:
                       stacklevel=2)
     logger = Logger(cfg, out, step, accelerator.is_main_process)
 
-    # The example stream: one seeded permutation per epoch, concatenated (see module docstring).
     n_epochs_needed = math.ceil(total_steps * cfg.batch_size / len(seqs)) + 1
-    stream = torch.cat([torch.randperm(len(seqs), generator=torch.Generator().manual_seed(cfg.seed * 1000 + e))
-                        for e in range(n_epochs_needed)]).tolist()
+    stream = [i for e in range(n_epochs_needed) for i in epoch_order(seqs, cfg.seed * 1000 + e, cfg.group_by_problem)]
 
     bar = tqdm(total=total_steps, initial=step, disable=not accelerator.is_main_process, desc="train")
     while step < total_steps:

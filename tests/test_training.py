@@ -143,9 +143,9 @@ def test_shared_reference_pass_is_exact_and_computes_each_context_once(tiny, syn
     full = reference_hidden(model, batch)
     hook.remove()
     T = batch.targets.shape[1]
-    R = max(len(s.contexts[r]) for s in rows for r in ("teacher", "negative")) - 1 - P
-    assert calls[:3] == [(3, P), (6, R), (10, T)]  # prefix per problem, rests per problem and role, rows
-    assert calls[3:] == [tuple(batch.inputs["teacher"][0].shape), tuple(batch.inputs["negative"][0].shape)]
+    R_t, R_n = (max(len(s.contexts[r]) for s in rows) - 1 - P for r in ("teacher", "negative"))
+    assert calls[:4] == [(3, P), (3, R_t), (3, R_n), (10, T)]  # prefix, each role's rest per problem, rows
+    assert calls[4:] == [tuple(batch.inputs["teacher"][0].shape), tuple(batch.inputs["negative"][0].shape)]
     for a, b in zip(shared, full):
         assert a.shape == b.shape == (5, T, a.shape[-1])
         torch.testing.assert_close(a[batch.mask], b[batch.mask], rtol=1e-4, atol=1e-5)

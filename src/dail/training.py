@@ -127,21 +127,21 @@ class SharedContexts:
 
     Rows of one problem have identical contexts, and both roles' contexts open with the same
     P tokens (chat header, instruction, problem). For U distinct problems and B rows:
-    `prefix` (U, P) is each problem's shared opening; `rest` = (ids, attention) (2U, R) is the
-    rest of each context but its last token, right-padded, teacher contexts first, then NR;
-    `pick` (2B,) is the `rest` row of each teacher row, then of each NR row; `traj` =
-    (ids, attention) (2B, T) is that role's last context token and then the row's target[:-1];
-    `traj_pos` (2B,) is the position of that first token. See `reference_hidden`.
+    `prefix` (U, P) is each problem's shared opening; `rest[role]` = (ids, attention) (U, R)
+    is the rest of each problem's context but its last token, right-padded; `pick` (2B,) is
+    each teacher row's problem, then U + each NR row's problem; `traj` = (ids, attention)
+    (2B, T) is that role's last context token and then the row's target[:-1]; `traj_pos`
+    (2B,) is the position of that first token. See `reference_hidden`.
     """
     prefix: torch.Tensor
-    rest: tuple[torch.Tensor, torch.Tensor]
+    rest: dict[str, tuple[torch.Tensor, torch.Tensor]]
     pick: torch.Tensor
     traj: tuple[torch.Tensor, torch.Tensor]
     traj_pos: torch.Tensor
 
     def to(self, device: torch.device) -> "SharedContexts":
-        return SharedContexts(self.prefix.to(device), tuple(x.to(device) for x in self.rest), self.pick.to(device),
-                              tuple(x.to(device) for x in self.traj), self.traj_pos.to(device))
+        return SharedContexts(self.prefix.to(device), {r: (i.to(device), a.to(device)) for r, (i, a) in self.rest.items()},
+                              self.pick.to(device), tuple(x.to(device) for x in self.traj), self.traj_pos.to(device))
 
 
 @dataclass
@@ -204,7 +204,9 @@ def _shared_contexts(seqs: list[Sequence], pad_id: int) -> SharedContexts:
     B = len(seqs)
     traj_ids, traj_attn = _right_pad([[ctx[k][-1]] + seqs[i % B].target[:-1] for i, k in enumerate(pick)], pad_id)
     return SharedContexts(prefix=torch.tensor([list(t[:P]) for t, _ in problems], dtype=torch.long).reshape(U, P),
-                          rest=_right_pad([list(c[P:-1]) for c in ctx], pad_id), pick=torch.tensor(pick),
+                          rest={"teacher": _right_pad([list(c[P:-1]) for c in ctx[:U]], pad_id),
+                                "negative": _right_pad([list(c[P:-1]) for c in ctx[U:]], pad_id)},
+                          pick=torch.tensor(pick),
                           traj=(traj_ids, traj_attn), traj_pos=torch.tensor([len(ctx[k]) - 1 for k in pick]))
 
 
@@ -310,32 +312,47 @@ def reference_hidden(model: Any, batch: Batch) -> tuple[torch.Tensor, torch.Tens
 
 
 def _shared_reference_hidden(model: Any, sc: SharedContexts) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Three forwards, one KV cache, every context token once:
+    """Four forwards, every context token once:
 
-    1. the prefix shared by both roles, once per distinct problem (U rows);
-    2. the cache repeated for both roles (2U rows), and the rest of each role's context;
-    3. the cache picked for every row and role (2B rows: a problem's context serves all of
-       its samples), and each row's trajectory after each role's context.
+    1. the prefix both roles share, once per distinct problem (U rows);
+    2. the rest of the teacher contexts after it (U rows); the cache is kept, then cut back;
+    3. the rest of the NR contexts after it (U rows);
+    4. both roles' caches stacked (2U rows, the shorter padded with masked columns), picked
+       for every row (2B rows: a problem's context serves all its samples), and each row's
+       trajectory after each role's context.
 
-    Columns are padded on the right (the rests have different lengths), so step 3 attends over
-    masked gaps and gets explicit positions. The call count does not depend on the data (two
-    if the contexts share no token), so every process makes the same calls, which DDP (buffer
-    broadcast) and FSDP (all-gathers) need.
+    Step 4 attends over masked gaps, so it gets explicit positions. The call count does not
+    depend on the data (three if the contexts share no token), so every process makes the same
+    calls, which DDP (buffer broadcast) and FSDP (all-gathers) need.
     """
+    import torch.nn.functional as F
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer
 
-    cache = DynamicCache(config=_base(model).config)
+    config = _base(model).config
+    cache = DynamicCache(config=config)
     if not all(type(layer) is DynamicLayer for layer in cache.layers):
         return None
     U, P = sc.prefix.shape
     dev = sc.prefix.device
     if P:
         final_hidden(model, sc.prefix, torch.ones_like(sc.prefix), cache)
-        cache.batch_select_indices(torch.arange(2 * U, device=dev) % U)
-    ids, attn = sc.rest
-    ctx_attn = torch.cat([torch.ones(2 * U, P, dtype=attn.dtype, device=dev), attn], 1)
-    final_hidden(model, ids, ctx_attn, cache, position_ids=P + torch.arange(ids.shape[1], device=dev).expand_as(ids))
+    parts = []  # per role: (keys per layer, values per layer, attention over the context columns)
+    for k, role in enumerate(("teacher", "negative")):
+        ids, attn = sc.rest[role]
+        if k:  # back to the prefix
+            if P:
+                cache.crop(-parts[0][2].shape[1] + P)
+            else:
+                cache = DynamicCache(config=config)
+        ctx_attn = torch.cat([torch.ones(U, P, dtype=attn.dtype, device=dev), attn], 1)
+        final_hidden(model, ids, ctx_attn, cache, position_ids=P + torch.arange(ids.shape[1], device=dev).expand_as(ids))
+        parts.append(([layer.keys for layer in cache.layers], [layer.values for layer in cache.layers], ctx_attn))
+    W = max(p[2].shape[1] for p in parts)
+    for i, layer in enumerate(cache.layers):  # (U, heads, L, d) per role -> (2U, heads, W, d)
+        layer.keys = torch.cat([F.pad(p[0][i], (0, 0, 0, W - p[2].shape[1])) for p in parts])
+        layer.values = torch.cat([F.pad(p[1][i], (0, 0, 0, W - p[2].shape[1])) for p in parts])
+    ctx_attn = torch.cat([F.pad(p[2], (0, W - p[2].shape[1])) for p in parts])
     cache.batch_select_indices(sc.pick)
     ids, attn = sc.traj
     pos = sc.traj_pos[:, None] + torch.arange(ids.shape[1], device=dev)

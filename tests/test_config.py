@@ -18,6 +18,8 @@ def test_precedence_defaults_yaml_flags(tmp_path):
 def test_errors_name_the_field(tmp_path):
     with pytest.raises(ConfigError, match="'tau': must be >= 0"):
         build(SynthConfig, None, {"tau": -1})
+    with pytest.raises(ConfigError, match="'grade_timeout': must be > 0"):
+        build(SynthConfig, None, {"grade_timeout": 0})
     with pytest.raises(ConfigError, match="unknown field 'taux'"):
         build(SynthConfig, None, {"taux": 1})
     with pytest.raises(ConfigError, match="'max_new_tokens': expected int"):

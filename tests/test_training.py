@@ -96,7 +96,7 @@ def test_live_teacher_hidden_equals_base_model_during_training(tiny, synth, tmp_
     cfg = _cfg("unused", synth, tmp_path)
     seqs = build_sequences(cfg, tok)
     batch = collate(seqs[:3], tok.pad_token_id, ("student", "teacher", "negative"))
-    assert batch.shared is not None and batch.shared.prefix.shape[1] > 0  # the shared path is under test
+    assert batch.shared is not None and batch.shared.shared > 0  # the shared path is under test
     T = batch.targets.shape[1]
     with torch.no_grad():
         want_t = role_hidden(model, batch.inputs["teacher"], T)
@@ -131,7 +131,7 @@ def test_shared_reference_pass_is_exact_and_computes_each_context_once(tiny, syn
     rows = [seqs[0], seqs[1], extra[0], seqs[3], extra[1]]
     batch = collate(rows, tok.pad_token_id, ("student", "teacher", "negative"))
     sc = batch.shared
-    U, P = sc.prefix.shape
+    U, P = sc.teacher[0].shape[0], sc.shared
     assert U == 3 and P > 0 and sc.pick.tolist() == [0, 1, 0, 2, 2, 3, 4, 3, 5, 5]
     for s in rows:
         assert s.contexts["teacher"][:P] == s.contexts["negative"][:P]
@@ -143,13 +143,22 @@ def test_shared_reference_pass_is_exact_and_computes_each_context_once(tiny, syn
     full = reference_hidden(model, batch)
     hook.remove()
     T = batch.targets.shape[1]
-    R_t, R_n = (max(len(s.contexts[r]) for s in rows) - 1 - P for r in ("teacher", "negative"))
-    assert calls[:4] == [(3, P), (3, R_t), (3, R_n), (10, T)]  # prefix, each role's rest per problem, rows
-    assert calls[4:] == [tuple(batch.inputs["teacher"][0].shape), tuple(batch.inputs["negative"][0].shape)]
+    L_t, L_n = (max(len(s.contexts[r]) for s in rows) - 1 for r in ("teacher", "negative"))
+    assert calls[:3] == [(3, L_t), (3, L_n - P), (10, T)]  # contexts per problem (NR after the shared part), rows
+    assert calls[3:] == [tuple(batch.inputs["teacher"][0].shape), tuple(batch.inputs["negative"][0].shape)]
     for a, b in zip(shared, full):
         assert a.shape == b.shape == (5, T, a.shape[-1])
         torch.testing.assert_close(a[batch.mask], b[batch.mask], rtol=1e-4, atol=1e-5)
     assert collate(rows, tok.pad_token_id, ("student",)).shared is None
+    # Contexts that share no token: the NR runs on a cache cut back to nothing.
+    apart = [dataclasses.replace(r, contexts={**r.contexts, "negative": [tok.pad_token_id] + r.contexts["negative"]})
+             for r in rows]
+    batch = collate(apart, tok.pad_token_id, ("student", "teacher", "negative"))
+    assert batch.shared.shared == 0
+    shared = reference_hidden(model, batch)
+    batch.shared = None
+    for a, b in zip(shared, reference_hidden(model, batch)):
+        torch.testing.assert_close(a[batch.mask], b[batch.mask], rtol=1e-4, atol=1e-5)
 
 
 def test_epoch_order_keeps_a_problems_samples_together():

@@ -90,6 +90,7 @@ class SynthConfig:
     landmarks: str = _f("math", "Landmark extractor for the negative-reference context: math|code|regex.")
     keep: str = _f("all", "all | correct: which trajectories go into the training set (grades are "
                    "always recorded).")
+    grade_timeout: float = _f(5.0, "Seconds per math-verify call before the trajectory counts as wrong.")
 
     def __post_init__(self) -> None:
         _check(self.mode in ("mixed", "direct"), "mode", f"expected mixed|direct, got {self.mode!r}")
@@ -100,6 +101,7 @@ class SynthConfig:
         _check(self.samples_per_problem > 0, "samples_per_problem", "must be > 0")
         _check(self.batch_size > 0, "batch_size", "must be > 0")
         _check(self.keep in ("all", "correct"), "keep", f"expected all|correct, got {self.keep!r}")
+        _check(self.grade_timeout > 0, "grade_timeout", "must be > 0")
 
 
 @dataclass

@@ -138,7 +138,7 @@ def synthesize(cfg: SynthConfig, model: Any = None, tokenizer: Any = None,
                 temperature=cfg.temperature, top_p=cfg.top_p)
             t_decode += time.perf_counter() - t0
             texts = [tokenizer.decode(d.tokens, skip_special_tokens=True) for d in decoded]
-            grades = _grade(texts, [ex.answer for ex, *_ in batch])
+            grades = _grade(texts, [ex.answer for ex, *_ in batch], cfg.grade_timeout)
             for (ex, i, _, _), d, text, correct in zip(batch, decoded, texts, grades):
                 n_tokens += len(d.tokens)
                 record = ex.to_dict() | {
@@ -177,14 +177,14 @@ def synthesize(cfg: SynthConfig, model: Any = None, tokenizer: Any = None,
     return out
 
 
-def _grade(texts: list[str], answers: list[str | None]) -> list[bool | None]:
+def _grade(texts: list[str], answers: list[str | None], timeout: float) -> list[bool | None]:
     """Grade trajectories that have a gold answer (None where there is none)."""
     idx = [i for i, a in enumerate(answers) if a]
     grades: list[bool | None] = [None] * len(texts)
     if idx:
         from dail.grading import grade_many
 
-        for i, g in zip(idx, grade_many([texts[i] for i in idx], [answers[i] for i in idx], timeout=5.0)):
+        for i, g in zip(idx, grade_many([texts[i] for i in idx], [answers[i] for i in idx], timeout=timeout)):
             grades[i] = bool(g)
     return grades
 

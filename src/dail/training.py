@@ -126,22 +126,25 @@ class SharedContexts:
     """The teacher and NR inputs of a micro-batch, laid out so each piece is computed once.
 
     Rows of one problem have identical contexts, and both roles' contexts open with the same
-    P tokens (chat header, instruction, problem). For U distinct problems and B rows:
-    `prefix` (U, P) is each problem's shared opening; `rest[role]` = (ids, attention) (U, R)
-    is the rest of each problem's context but its last token, right-padded; `pick` (2B,) is
-    each teacher row's problem, then U + each NR row's problem; `traj` = (ids, attention)
+    `shared` tokens (chat header, instruction, problem). For U distinct problems and B rows:
+    `teacher` = (ids, attention) (U, L) is each problem's teacher context but its last token;
+    `negative` the same for the NR context, from `shared` on; both right-padded. `pick` (2B,)
+    is each teacher row's problem, then U + each NR row's problem; `traj` = (ids, attention)
     (2B, T) is that role's last context token and then the row's target[:-1]; `traj_pos`
-    (2B,) is the position of that first token. See `reference_hidden`.
+    (2B,) is the position of that first token. See `_shared_reference_hidden`.
     """
-    prefix: torch.Tensor
-    rest: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    shared: int
+    teacher: tuple[torch.Tensor, torch.Tensor]
+    negative: tuple[torch.Tensor, torch.Tensor]
     pick: torch.Tensor
     traj: tuple[torch.Tensor, torch.Tensor]
     traj_pos: torch.Tensor
 
     def to(self, device: torch.device) -> "SharedContexts":
-        return SharedContexts(self.prefix.to(device), {r: (i.to(device), a.to(device)) for r, (i, a) in self.rest.items()},
-                              self.pick.to(device), tuple(x.to(device) for x in self.traj), self.traj_pos.to(device))
+        def mv(pair: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+            return pair[0].to(device), pair[1].to(device)
+        return SharedContexts(self.shared, mv(self.teacher), mv(self.negative), self.pick.to(device), mv(self.traj),
+                              self.traj_pos.to(device))
 
 
 @dataclass
@@ -196,18 +199,15 @@ def _shared_contexts(seqs: list[Sequence], pad_id: int) -> SharedContexts:
     problems: dict[tuple, int] = {}
     row = [problems.setdefault((tuple(s.contexts["teacher"]), tuple(s.contexts["negative"])), len(problems))
            for s in seqs]
-    U = len(problems)
+    U, B = len(problems), len(seqs)
     ctx = [t for t, _ in problems] + [n for _, n in problems]  # the U teacher contexts, then the U NR ones
-    # The prefix ends at least two tokens before each context's end, so every rest keeps a token.
+    # The shared part ends at least two tokens before each context's end, so the NR keeps a token.
     P = max(0, min(min(_common_prefix(t, n), len(t) - 2, len(n) - 2) for t, n in problems))
     pick = row + [U + u for u in row]
-    B = len(seqs)
-    traj_ids, traj_attn = _right_pad([[ctx[k][-1]] + seqs[i % B].target[:-1] for i, k in enumerate(pick)], pad_id)
-    return SharedContexts(prefix=torch.tensor([list(t[:P]) for t, _ in problems], dtype=torch.long).reshape(U, P),
-                          rest={"teacher": _right_pad([list(c[P:-1]) for c in ctx[:U]], pad_id),
-                                "negative": _right_pad([list(c[P:-1]) for c in ctx[U:]], pad_id)},
-                          pick=torch.tensor(pick),
-                          traj=(traj_ids, traj_attn), traj_pos=torch.tensor([len(ctx[k]) - 1 for k in pick]))
+    traj = _right_pad([[ctx[k][-1]] + seqs[i % B].target[:-1] for i, k in enumerate(pick)], pad_id)
+    return SharedContexts(shared=P, teacher=_right_pad([list(c[:-1]) for c in ctx[:U]], pad_id),
+                          negative=_right_pad([list(c[P:-1]) for c in ctx[U:]], pad_id), pick=torch.tensor(pick),
+                          traj=traj, traj_pos=torch.tensor([len(ctx[k]) - 1 for k in pick]))
 
 
 def epoch_order(seqs: list[Sequence], seed: int, group_by_problem: bool) -> list[int]:
@@ -312,47 +312,40 @@ def reference_hidden(model: Any, batch: Batch) -> tuple[torch.Tensor, torch.Tens
 
 
 def _shared_reference_hidden(model: Any, sc: SharedContexts) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Four forwards, every context token once:
+    """Three forwards, every context token once:
 
-    1. the prefix both roles share, once per distinct problem (U rows);
-    2. the rest of the teacher contexts after it (U rows); the cache is kept, then cut back;
-    3. the rest of the NR contexts after it (U rows);
-    4. both roles' caches stacked (2U rows, the shorter padded with masked columns), picked
-       for every row (2B rows: a problem's context serves all its samples), and each row's
+    1. each distinct problem's teacher context (U rows);
+    2. the NR contexts after the part they share with the teacher's, on the teacher cache cut
+       back to that part (U rows);
+    3. both roles' caches stacked (2U rows, the shorter padded with masked columns), picked
+       for every row (2B rows: a problem's contexts serve all its samples), and each row's
        trajectory after each role's context.
 
-    Step 4 attends over masked gaps, so it gets explicit positions. The call count does not
-    depend on the data (three if the contexts share no token), so every process makes the same
-    calls, which DDP (buffer broadcast) and FSDP (all-gathers) need.
+    Step 3 attends over masked gaps, so it gets explicit positions. Few, large calls matter:
+    on CPU every call streams all the weights from memory. The call count does not depend on
+    the data, so every process makes the same calls, which DDP (buffer broadcast) and FSDP
+    (all-gathers) need.
     """
     import torch.nn.functional as F
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer
 
-    config = _base(model).config
-    cache = DynamicCache(config=config)
+    cache = DynamicCache(config=_base(model).config)
     if not all(type(layer) is DynamicLayer for layer in cache.layers):
         return None
-    U, P = sc.prefix.shape
-    dev = sc.prefix.device
-    if P:
-        final_hidden(model, sc.prefix, torch.ones_like(sc.prefix), cache)
-    parts = []  # per role: (keys per layer, values per layer, attention over the context columns)
-    for k, role in enumerate(("teacher", "negative")):
-        ids, attn = sc.rest[role]
-        if k:  # back to the prefix
-            if P:
-                cache.crop(-parts[0][2].shape[1] + P)
-            else:
-                cache = DynamicCache(config=config)
-        ctx_attn = torch.cat([torch.ones(U, P, dtype=attn.dtype, device=dev), attn], 1)
-        final_hidden(model, ids, ctx_attn, cache, position_ids=P + torch.arange(ids.shape[1], device=dev).expand_as(ids))
-        parts.append(([layer.keys for layer in cache.layers], [layer.values for layer in cache.layers], ctx_attn))
-    W = max(p[2].shape[1] for p in parts)
-    for i, layer in enumerate(cache.layers):  # (U, heads, L, d) per role -> (2U, heads, W, d)
-        layer.keys = torch.cat([F.pad(p[0][i], (0, 0, 0, W - p[2].shape[1])) for p in parts])
-        layer.values = torch.cat([F.pad(p[1][i], (0, 0, 0, W - p[2].shape[1])) for p in parts])
-    ctx_attn = torch.cat([F.pad(p[2], (0, W - p[2].shape[1])) for p in parts])
+    P, dev = sc.shared, sc.pick.device
+    ids, t_attn = sc.teacher
+    final_hidden(model, ids, t_attn, cache)
+    teacher_kv = [(layer.keys, layer.values) for layer in cache.layers]
+    cache.crop(-(ids.shape[1] - P))
+    ids, attn = sc.negative
+    n_attn = torch.cat([t_attn[:, :P], attn], 1)
+    final_hidden(model, ids, n_attn, cache, position_ids=P + torch.arange(ids.shape[1], device=dev).expand_as(ids))
+    W = max(t_attn.shape[1], n_attn.shape[1])
+    for layer, (k, v) in zip(cache.layers, teacher_kv):  # (U, heads, L, d) per role -> (2U, heads, W, d)
+        layer.keys = torch.cat([F.pad(x, (0, 0, 0, W - x.shape[2])) for x in (k, layer.keys)])
+        layer.values = torch.cat([F.pad(x, (0, 0, 0, W - x.shape[2])) for x in (v, layer.values)])
+    ctx_attn = torch.cat([F.pad(a, (0, W - a.shape[1])) for a in (t_attn, n_attn)])
     cache.batch_select_indices(sc.pick)
     ids, attn = sc.traj
     pos = sc.traj_pos[:, None] + torch.arange(ids.shape[1], device=dev)

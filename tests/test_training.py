@@ -295,6 +295,9 @@ def test_resume_equals_uninterrupted(tiny_dir, synth, tmp_path, monkeypatch):
                                  resume=True))
     assert len((tmp_path / "part" / "metrics.jsonl").read_text().splitlines()) == 7
     assert longer.exists()
+    # Resuming under another data order is refused, naming the field.
+    with pytest.raises(ConfigError, match="different 'group_by_problem'"):
+        training.train(_cfg(tiny_dir, synth, part, epochs=3, max_steps=8, resume=True, group_by_problem=False))
 
 
 def test_non_finite_loss_stops_and_keeps_checkpoint(tiny_dir, synth, tmp_path, monkeypatch):

@@ -44,7 +44,7 @@ from typing import Any, Iterator
 
 import torch
 
-from dail.config import ConfigError, DataConfig, TrainConfig, save
+from dail.config import ConfigError, DataConfig, TrainConfig, check_resumable, save
 from dail.data import DataError, load_examples, read_records
 from dail.landmarks import extract_landmarks
 from dail.losses import ContrastiveSums, chunked_contrastive_terms, chunked_nll
@@ -57,6 +57,11 @@ __all__ = ["Sequence", "Batch", "train", "build_sequences", "collate", "batch_lo
 log = logging.getLogger(__name__)
 
 ROLES = ("student", "teacher", "negative")
+
+# What a resumed run must share with the run that wrote the checkpoint (max_steps, epochs,
+# lr and logging may change).
+_RESUME_FIELDS = ("model", "data", "loss", "gamma", "neg_cap", "landmarks", "lora_r", "lora_alpha",
+                  "target_modules", "batch_size", "seed", "group_by_problem", "max_length")
 
 
 # ----------------------------------------------------------------------------- data
@@ -577,6 +582,9 @@ def train(cfg: TrainConfig) -> Path:
         raise ConfigError(f"config field 'batch_size': {cfg.batch_size} sequences per step must split evenly "
                           f"into micro-batches of {cfg.micro_batch_size} on {world} processes")
     accum = cfg.batch_size // (cfg.micro_batch_size * world)
+    if cfg.resume and find_checkpoint(out) is not None:
+        # The checkpoint's step count means nothing under another data order or objective.
+        check_resumable(out / "config.yaml", cfg, _RESUME_FIELDS, "a checkpoint")
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         save(cfg, out / "config.yaml")

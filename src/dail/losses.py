@@ -111,7 +111,7 @@ def nll(logits: Tensor, targets: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
 # The LM head weight and bias are frozen (LoRA never touches the LM head), so they get none.
 
 
-_WORKSPACE: dict[tuple, list[Tensor]] = {}
+_WORKSPACE: dict[int, list[Tensor]] = {}  # columns -> buffers
 
 
 def _workspace(count: int, rows: int, cols: int, device: torch.device) -> list[Tensor]:
@@ -125,10 +125,10 @@ def _workspace(count: int, rows: int, cols: int, device: torch.device) -> list[T
     """
     if device.type != "cpu":
         return [torch.empty(rows, cols, dtype=torch.float32, device=device) for _ in range(count)]
-    bufs = _WORKSPACE.get((cols,), [])
+    bufs = _WORKSPACE.get(cols, [])
     if len(bufs) < count or bufs[0].shape[0] < rows:
         _WORKSPACE.clear()
-        bufs = _WORKSPACE[(cols,)] = [torch.empty(rows, cols, dtype=torch.float32) for _ in range(count)]
+        bufs = _WORKSPACE[cols] = [torch.empty(rows, cols, dtype=torch.float32) for _ in range(count)]
     return [b[:rows] for b in bufs[:count]]
 
 
@@ -166,11 +166,11 @@ def _fused_forward(h_s: Tensor, h_t: Tensor, h_n: Tensor, weight: Tensor, bias: 
     # Four (c, V) fp32 buffers, reused by every chunk. Each op below is one pass over them, and
     # log_softmax / softmax are single row-wise kernels (the row stays in cache between their
     # max, sum and write), so the chunk costs its three matmuls plus about ten passes.
-    logits, d_t, d_n, scratch = _workspace(4, rows, weight.shape[0], h_s.device)
+    bufs = _workspace(4, rows, weight.shape[0], h_s.device)
     for i in range(0, h_s.shape[0], chunk_size):
         sl = slice(i, i + chunk_size)
         c = h_s[sl].shape[0]
-        z, d_t, d_n, log_s = logits[:c], d_t[:c], d_n[:c], scratch[:c]
+        z, d_t, d_n, log_s = (b[:c] for b in bufs)
         torch.log_softmax(_logits_into(z, h_t[sl], weight, bias), -1, out=d_t)  # log p_T
         torch.log_softmax(_logits_into(z, h_n[sl], weight, bias), -1, out=d_n)  # log p_NR
         torch.log_softmax(_logits_into(z, h_s[sl], weight, bias), -1, out=log_s)  # log p_θ

@@ -17,8 +17,9 @@ averages gradients). The step's loss is exactly `Σ_t l_t / Σ_t mask_t` over th
 
 Data order: the examples form one stream, the concatenation of a seeded permutation per
 epoch (of problems, each followed by its samples, with `group_by_problem`); optimizer step k
-takes items [k·batch_size, (k+1)·batch_size) of it, and process r takes its contiguous share. So a step's global batch does not depend on the number of
-processes, and resuming at step k needs nothing but k.
+takes items [k·batch_size, (k+1)·batch_size) of it, and process r takes its contiguous share.
+So a step's global batch does not depend on the number of processes, and resuming at step k
+needs nothing but k.
 
 Beyond the paper: chunked loss from hidden states (losses.py), a reference pass that computes
 each context once (the teacher/NR shared prefix, and a problem's context for all its samples
@@ -207,7 +208,7 @@ def _shared_contexts(seqs: list[Sequence], pad_id: int) -> SharedContexts:
     U, B = len(problems), len(seqs)
     ctx = [t for t, _ in problems] + [n for _, n in problems]  # the U teacher contexts, then the U NR ones
     # The shared part ends at least two tokens before each context's end, so the NR keeps a token.
-    P = max(0, min(min(_common_prefix(t, n), len(t) - 2, len(n) - 2) for t, n in problems))
+    P = max(0, min(min(len(os.path.commonprefix([t, n])), len(t) - 2, len(n) - 2) for t, n in problems))
     pick = row + [U + u for u in row]
     traj = _right_pad([[ctx[k][-1]] + seqs[i % B].target[:-1] for i, k in enumerate(pick)], pad_id)
     return SharedContexts(shared=P, teacher=_right_pad([list(c[:-1]) for c in ctx[:U]], pad_id),
@@ -227,15 +228,6 @@ def epoch_order(seqs: list[Sequence], seed: int, group_by_problem: bool) -> list
         groups.setdefault(s.problem, []).append(i)
     order = list(groups.values())
     return [i for g in torch.randperm(len(order), generator=gen).tolist() for i in order[g]]
-
-
-def _common_prefix(a: Any, b: Any) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 # ----------------------------------------------------------------------------- the loss of one micro-batch

@@ -56,10 +56,11 @@ def main() -> None:
     from dail.config import DataConfig, ModelConfig
     from dail.data import load_examples
     from dail.decoding import _left_pad, decode
-    from dail.models import load
+    from dail.models import load_model, load_tokenizer
     from dail.prompts import render, student_messages, teacher_messages
 
-    model, tok = load(ModelConfig(name=args.model, device="cpu"))
+    model_cfg = ModelConfig(name=args.model, device="cpu")
+    model, tok = load_model(model_cfg), load_tokenizer(model_cfg)
     sizes = [int(b) for b in args.batch_sizes.split(",")]
     examples = load_examples(DataConfig(source="gsm-symbolic", split="train", limit=max(sizes)))
     student = [render(tok, student_messages(e.problem)) for e in examples]

@@ -11,6 +11,9 @@ import os
 import pytest
 import torch
 
+from dail.config import ModelConfig
+from dail.models import load_model, load_tokenizer
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 CHAT_TEMPLATE = (
@@ -73,10 +76,8 @@ def tiny_dir(tmp_path_factory):
 @pytest.fixture()
 def tiny(tiny_dir):
     """(model, tokenizer) loaded through dail.models from the saved folder."""
-    from dail.config import ModelConfig
-    from dail.models import load
-
-    return load(ModelConfig(name=str(tiny_dir), device="cpu"))
+    cfg = ModelConfig(name=str(tiny_dir), device="cpu")
+    return load_model(cfg), load_tokenizer(cfg)
 
 
 @pytest.fixture(scope="session")

@@ -73,3 +73,79 @@ def test_report_refuses_folders_without_results(tmp_path, capsys):
         main(["report", str(tmp_path)])
     assert e.value.code == 2 and "no evaluation results" in capsys.readouterr().err
     assert not (tmp_path / "report.md").exists()
+
+
+def test_run_refuses_stage_fields_it_sets_itself(tmp_path):
+    # `dail run` sets every stage's model, data, adapter and output; accepting them as flags or YAML
+    # and then overwriting them silently was a trap (31 such flags before).
+    parser = make_parser()
+    for flag in ("--synth.model.name", "--synth.data.source", "--synth.out", "--train.data", "--train.expert.limit",
+                 "--train.out", "--eval.adapter", "--eval.data.limit", "--eval.model.device", "--eval.out"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["run", flag, "x"])
+    assert "--synth.tau" in parser._subparsers._group_actions[0].choices["run"].format_help()
+    y = tmp_path / "run.yaml"
+    y.write_text("eval:\n  n: 4\n  adapter: runs/x/adapter\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"run.yaml: config field 'eval.adapter': set by dail run itself"):
+        build(RunConfig, str(y))
+
+
+def test_saved_run_config_loads_back(tmp_path):
+    from dail.config import save
+
+    cfg = build(RunConfig, None, {"synth.tau": 0.5, "train_data.limit": 4, "eval.n": 4, "eval.ks": [1, 4]})
+    save(cfg, tmp_path / "config.yaml")
+    assert build(RunConfig, str(tmp_path / "config.yaml")) == cfg
+
+
+def test_default_yaml_is_the_defaults():
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
+    assert build(RunConfig, str(path)) == RunConfig()
+
+
+def test_run_test_split_must_come_from_the_same_split_rule():
+    # One source, two split seeds: 9 of 16 "held-out" templates were training templates.
+    with pytest.raises(ConfigError, match=r"'test_data.seed': 0 differs from train_data.seed \(3\)"):
+        build(RunConfig, None, {"train_data.seed": 3})
+    with pytest.raises(ConfigError, match=r"'test_data.test_fraction'"):
+        build(RunConfig, None, {"test_data.test_fraction": 0.3})
+    cfg = build(RunConfig, None, {"train_data.seed": 3, "test_data.seed": 3})
+    assert cfg.test_data.seed == 3
+    # Another source for the test split (a benchmark file) has its own settings.
+    assert build(RunConfig, None, {"train_data.seed": 3, "test_data.source": "champ"}).test_data.seed == 0
+
+
+def test_landmark_kind_is_checked_when_the_config_is_built():
+    with pytest.raises(ConfigError, match="'landmarks'.*unknown"):
+        build(SynthConfig, None, {"landmarks": "foo"})
+    with pytest.raises(ConfigError, match="'landmarks'.*invalid pattern"):
+        build(SynthConfig, None, {"landmarks": "regex:(unclosed"})
+    assert build(SynthConfig, None, {"landmarks": "regex:\\d+"}).landmarks == "regex:\\d+"
+    # One landmarks setting: training reads the landmarks synthesis wrote into the records.
+    with pytest.raises(ConfigError, match="unknown field 'landmarks'"):
+        build(TrainConfig, None, {"landmarks": "code"})
+
+
+def test_resume_keys_come_from_the_config_fields():
+    from dail.config import EvalConfig, resume_keys
+
+    synth = resume_keys(SynthConfig)
+    assert {"model.name", "data.source", "data.seed", "data.fields", "tau", "landmarks", "keep"} <= set(synth)
+    assert "data.limit" not in synth and "samples_per_problem" not in synth and "batch_size" not in synth
+    train = resume_keys(TrainConfig)
+    assert {"data", "expert.source", "expert.limit", "loss", "gamma", "seed", "batch_size"} <= set(train)
+    assert "max_steps" not in train and "lr" not in train
+    ev = resume_keys(EvalConfig)
+    assert {"adapter", "data.source", "temperature", "seed"} <= set(ev)
+    assert "n" not in ev and "data.limit" not in ev
+
+
+def test_check_resumable_names_the_changed_field(tmp_path):
+    from dail.config import check_resumable, save
+
+    save(build(SynthConfig, None, {"tau": 0.3}), tmp_path / "config.yaml")
+    check_resumable(tmp_path / "config.yaml", build(SynthConfig, None, {"tau": 0.3, "data.limit": 9}), "x")
+    with pytest.raises(ConfigError, match="different 'data.seed'"):
+        check_resumable(tmp_path / "config.yaml", build(SynthConfig, None, {"data.seed": 2}), "x")

@@ -7,7 +7,8 @@ import json
 import pytest
 
 from dail.config import DataConfig
-from dail.data import DataError, load_examples, load_jsonl, read_records
+from dail.data import DataError, load_examples, load_jsonl
+from dail.records import read_records
 
 
 def _write(path, lines):

@@ -12,7 +12,8 @@ import pytest
 
 import dail.evaluation as E
 from dail.config import DataConfig, EvalConfig, ModelConfig
-from dail.data import DataError, load_benchmark, read_records
+from dail.data import DataError, load_benchmark
+from dail.records import read_records
 from dail.evaluation import bootstrap_ci, evaluate, pass_at_k, summarize
 
 

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from dail.cli import main
-from dail.data import read_records
+from dail.records import read_records
 
 
 def _experts(path, start, n):
@@ -61,3 +61,24 @@ def test_dail_run_embedded_model_small(tmp_path):
     _check_run_folder(out, 2, 2, 2)
     stats = json.loads((out / "synth" / "stats.json").read_text())
     assert 0.0 < stats["student_token_fraction"] <= 1.0  # tau=0.3: the teacher vetoes some, not all
+
+
+def test_every_method_reads_the_same_problems():
+    # sft used to rebuild its data from train_data.source alone: 50 problems against DAIL's 16,
+    # and with seed 3 / test_fraction 0.3, 9 of the 16 test templates were among sft's.
+    from dail.config import RunConfig, build
+    from dail.data import load_examples
+    from dail.pipeline import resolve
+
+    over = {"train_data.seed": 3, "train_data.test_fraction": 0.3, "test_data.seed": 3,
+            "test_data.test_fraction": 0.3}
+    ids = {}
+    for loss in ("contrastive", "nll", "sft"):
+        cfg = resolve(build(RunConfig, None, over | {"train.loss": loss}))
+        assert cfg.train.expert == cfg.synth.data == cfg.train_data
+        ids[loss] = [ex.id for ex in load_examples(cfg.train.expert if loss == "sft" else cfg.synth.data)]
+    assert ids["sft"] == ids["contrastive"] == ids["nll"] and len(ids["sft"]) == 16
+    test = resolve(build(RunConfig, None, over))
+    train_templates = {ex.meta["template"] for ex in load_examples(test.train_data)}
+    test_templates = {ex.meta["template"] for ex in load_examples(test.eval.data)}
+    assert len(test_templates) == 16 and not train_templates & test_templates

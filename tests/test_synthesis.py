@@ -12,7 +12,7 @@ import time
 import pytest
 
 from dail.config import DataConfig, ModelConfig, SynthConfig
-from dail.data import read_records
+from dail.records import read_records
 from dail.synthesis import synthesize
 
 

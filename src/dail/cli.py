@@ -14,6 +14,7 @@ dotted flags (`--model.name`, `--data.limit`). Values are parsed as YAML, so lis
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 from pathlib import Path
@@ -21,12 +22,20 @@ from typing import Any
 
 from dail.config import (ConfigError, EvalConfig, RunConfig, SynthConfig, TrainConfig, build, flag_names,
                          parse_flag_value)
+from dail.data import DataError
+from dail.layout import RunFolder, eval_files, summaries
 
-STAGES: dict[str, tuple[type, str]] = {
-    "synth": (SynthConfig, "Stage 1: mixed-policy (or direct) synthesis of trajectories from expert solutions."),
-    "train": (TrainConfig, "Stage 2: LoRA training with the contrastive KL (or nll / sft)."),
-    "eval": (EvalConfig, "Sample n answers per problem, grade them, report pass@k by k and token budget."),
-    "run": (RunConfig, "All stages from one config; with no arguments, the embedded default end to end."),
+# One subcommand per stage: (its config, the function it calls with that config, help). The
+# functions are named, not imported, so that `dail --help` and config errors answer before
+# torch and transformers load (several seconds).
+STAGES: dict[str, tuple[type, str, str]] = {
+    "synth": (SynthConfig, "dail.synthesis:synthesize",
+              "Stage 1: mixed-policy (or direct) synthesis of trajectories from expert solutions."),
+    "train": (TrainConfig, "dail.training:train", "Stage 2: LoRA training with the contrastive KL (or nll / sft)."),
+    "eval": (EvalConfig, "dail.evaluation:evaluate",
+             "Sample n answers per problem, grade them, report pass@k by k and token budget."),
+    "run": (RunConfig, "dail.pipeline:run",
+            "All stages from one config; with no arguments, the embedded default end to end."),
 }
 
 
@@ -42,7 +51,7 @@ def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dail", description="DAIL: expert solutions -> training signal.")
     parser.add_argument("-v", "--verbose", action="store_true", help="Debug logging.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (cls, help_) in STAGES.items():
+    for name, (cls, _, help_) in STAGES.items():
         p = sub.add_parser(name, help=help_, description=help_)
         _add_config_flags(p, cls)
         if name == "eval":
@@ -72,49 +81,34 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         if args.command == "report":
-            from dail.report import write_report
-
-            runs = [Path(r) for r in args.runs]
-            missing = [str(r) for r in runs if not r.is_dir()]
-            if missing:
-                parser.exit(2, f"dail report: not a run folder: {', '.join(missing)}\n")
-            if not any(next(r.glob("eval/*/summary.json"), None) or (r / "summary.json").exists() for r in runs):
-                parser.exit(2, f"dail report: no evaluation results (eval/*/summary.json) in {', '.join(args.runs)}\n")
-            path = write_report(runs, Path(args.out) if args.out else runs[0], title=args.title)
-            print(path)
-            return 0
-        cls = STAGES[args.command][0]
+            return _report(parser, args)
+        cls, target, _ = STAGES[args.command]
         overrides = _overrides(args)
         if getattr(args, "on", None):
             overrides["data.split"] = args.on
         cfg = build(cls, args.config, overrides)
-        if args.command == "synth":
-            from dail.synthesis import synthesize
-
-            print(synthesize(cfg))
-        elif args.command == "train":
-            from dail.training import train
-
-            print(train(cfg))
-        elif args.command == "eval":
-            from dail.evaluation import evaluate
-
-            evaluate(cfg)
-            print(Path(cfg.out) / "summary.json")
-        elif args.command == "run":
-            from dail.pipeline import run
-
-            out = run(cfg)
-            print(out / "report.md")
+        module, function = target.split(":")
+        result = getattr(importlib.import_module(module), function)(cfg)
+        # Each stage prints where its main output went.
+        print({"eval": eval_files(cfg.out)["summary"], "run": RunFolder(Path(cfg.out)).report}.get(args.command, result))
         return 0
     except ConfigError as e:
         parser.exit(2, f"dail {args.command}: config error: {e}\n")
-    except (ValueError, FileNotFoundError) as e:
-        from dail.data import DataError
+    except (DataError, FileNotFoundError) as e:
+        parser.exit(2, f"dail {args.command}: {e}\n")
+    return 0
 
-        if isinstance(e, (DataError, FileNotFoundError)):
-            parser.exit(2, f"dail {args.command}: {e}\n")
-        raise
+
+def _report(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from dail.report import write_report  # matplotlib: loaded only when a report is asked for
+
+    runs = [Path(r) for r in args.runs]
+    missing = [str(r) for r in runs if not r.is_dir()]
+    if missing:
+        parser.exit(2, f"dail report: not a run folder: {', '.join(missing)}\n")
+    if not any(summaries(r) for r in runs):
+        parser.exit(2, f"dail report: no evaluation results (eval/*/summary.json) in {', '.join(args.runs)}\n")
+    print(write_report(runs, Path(args.out) if args.out else runs[0], title=args.title))
     return 0
 
 

@@ -19,12 +19,24 @@ from typing import Any
 
 import yaml
 
+from dail.landmarks import check_kind as check_landmark_kind
+
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
-    """A dataclass field with a help string (and a default factory for mutable defaults)."""
+    """A dataclass field with a help string (and a default factory for mutable defaults).
+
+    Extra metadata: `resume=True` marks a setting that outputs made under it depend on, so a
+    rerun that appends to them must keep it (`check_resumable`).
+    """
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **kw})
     return field(default=default, metadata={"help": help, **kw})
+
+
+def _sub(factory: Any, help: str, **kw: Any) -> Any:
+    """A nested config field. `resume=True` marks all its leaves as resume keys, except the
+    names in `resume_except` (e.g. a data `limit` that may grow between reruns)."""
+    return field(default_factory=factory, metadata={"help": help, **kw})
 
 
 class ConfigError(ValueError):
@@ -73,23 +85,27 @@ class DataConfig:
 
 @dataclass
 class SynthConfig:
-    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "Model."})
-    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "Expert problems."})
+    model: ModelConfig = _sub(ModelConfig, "Model.", resume=True)
+    # A rerun may grow data.limit (and samples_per_problem): it then adds the missing records.
+    data: DataConfig = _sub(DataConfig, "Expert problems.", resume=True, resume_except=("limit",))
     out: str = _f("runs/synth/synthetic.jsonl", "Synthetic-set JSONL (appended to; finished records "
                   "are skipped on rerun).")
-    mode: str = _f("mixed", "mixed (student writes, teacher vetoes) or direct (teacher alone writes).")
+    mode: str = _f("mixed", "mixed (student writes, teacher vetoes) or direct (teacher alone writes).", resume=True)
     tau: float = _f(0.3, "Acceptance threshold on the teacher's probability of the student's token. "
                     "0 = pure student, >1 = pure teacher. 0.3 is our measurement: ~80% student tokens "
-                    "while most of the teacher's correctness comes through (DESIGN.md table).")
-    temperature: float = _f(0.7, "Sampling temperature for both roles (0 = greedy). Common practice.")
-    top_p: float = _f(1.0, "Nucleus sampling for both roles.")
-    max_new_tokens: int = _f(256, "Trajectory length cap.")
+                    "while most of the teacher's correctness comes through (DESIGN.md table).", resume=True)
+    temperature: float = _f(0.7, "Sampling temperature for both roles (0 = greedy). Common practice.", resume=True)
+    top_p: float = _f(1.0, "Nucleus sampling for both roles.", resume=True)
+    max_new_tokens: int = _f(256, "Trajectory length cap.", resume=True)
     samples_per_problem: int = _f(2, "Trajectories per problem.")
     batch_size: int = _f(16, "Trajectories decoded together (the fused step runs 2x this many rows).")
-    seed: int = _f(0, "Run seed; each (problem id, sample index) derives its own seed from it.")
-    landmarks: str = _f("math", "Landmark extractor for the negative-reference context: math|code|regex.")
+    seed: int = _f(0, "Run seed; each (problem id, sample index) derives its own seed from it.", resume=True)
+    landmarks: str = _f("math", "Landmark extractor for the negative-reference context: math|code|regex:PATTERN. "
+                        "The one landmarks setting: synthesis writes each record's landmarks (and this kind) "
+                        "into the synthetic set, and training reads them from there. An expert record's own "
+                        "`landmarks` list wins over the extractor.", resume=True)
     keep: str = _f("all", "all | correct: which trajectories go into the training set (grades are "
-                   "always recorded).")
+                   "always recorded).", resume=True)
     grade_timeout: float = _f(5.0, "Seconds per math-verify call before the trajectory counts as wrong.")
 
     def __post_init__(self) -> None:
@@ -102,43 +118,49 @@ class SynthConfig:
         _check(self.batch_size > 0, "batch_size", "must be > 0")
         _check(self.keep in ("all", "correct"), "keep", f"expected all|correct, got {self.keep!r}")
         _check(self.grade_timeout > 0, "grade_timeout", "must be > 0")
+        try:
+            check_landmark_kind(self.landmarks)
+        except ValueError as e:
+            raise ConfigError(f"config field 'landmarks': {e}") from None
 
 
 @dataclass
 class TrainConfig:
-    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "Base model."})
-    data: str = _f("runs/synth/synthetic.jsonl", "Synthetic-set JSONL (loss contrastive|nll) or an "
-                   "expert source (loss sft, same forms as data.source).")
+    model: ModelConfig = _sub(ModelConfig, "Base model.", resume=True)
+    data: str = _f("runs/synth/synthetic.jsonl", "Synthetic-set JSONL that every loss but sft trains on.",
+                   resume=True)
+    expert: DataConfig = _sub(DataConfig, "Expert problems that loss sft trains on (the raw expert "
+                              "solutions); the same forms and split settings as synthesis's data.",
+                              resume=True)
     out: str = _f("runs/train", "Output folder: adapter/ (PEFT format), metrics.jsonl, config.yaml.")
     loss: str = _f("contrastive", "contrastive (DAIL) | nll (ablation: cross-entropy on the synthetic "
-                   "trajectory) | sft (baseline: cross-entropy on the raw expert solution).")
+                   "trajectory) | sft (baseline: cross-entropy on the raw expert solution).", resume=True)
     gamma: float = _f(0.1, "Weight of the negative-reference KL. The paper does not scan it; 0.1 keeps "
-                      "the objective well inside the bounded region (gamma < 1).")
+                      "the objective well inside the bounded region (gamma < 1).", resume=True)
     neg_cap: float = _f(0.0, "Per-token cap on KL(student||NR) after the vocabulary sum (0 = no cap). "
-                        "Required for gamma >= 1.")
-    landmarks: str = _f("math", "Landmark extractor for the negative-reference context.")
-    lora_r: int = _f(16, "LoRA rank. Common practice for small models.")
-    lora_alpha: int = _f(32, "LoRA alpha (2 x rank, common practice).")
-    lora_dropout: float = _f(0.0, "LoRA dropout.")
+                        "Required for gamma >= 1.", resume=True)
+    lora_r: int = _f(16, "LoRA rank. Common practice for small models.", resume=True)
+    lora_alpha: int = _f(32, "LoRA alpha (2 x rank, common practice).", resume=True)
+    lora_dropout: float = _f(0.0, "LoRA dropout.", resume=True)
     target_modules: list = _f(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                               "down_proj"], "Modules that get LoRA (all linear layers, common practice).")
+                               "down_proj"], "Modules that get LoRA (all linear layers, common practice).", resume=True)
     lr: float = _f(2e-4, "Peak learning rate. Common LoRA practice (1e-4 to 3e-4).")
     scheduler: str = _f("cosine", "cosine | constant, both after linear warmup.")
     warmup_steps: int = _f(2, "Linear warmup optimizer steps.")
     epochs: int = _f(3, "Passes over the training set.")
     max_steps: int = _f(0, "Stop after this many optimizer steps (0 = run all epochs).")
-    batch_size: int = _f(8, "Sequences per optimizer step (summed over micro-batches and processes).")
+    batch_size: int = _f(8, "Sequences per optimizer step (summed over micro-batches and processes).", resume=True)
     micro_batch_size: int = _f(2, "Sequences per forward pass.")
     max_grad_norm: float = _f(1.0, "Gradient clipping.")
     weight_decay: float = _f(0.0, "AdamW weight decay.")
     chunk_size: int = _f(256, "Sequence chunk for the loss: logits are built from hidden states this many "
                          "positions at a time, so memory does not grow with 3 x T x V.")
-    max_length: int = _f(2048, "Skip examples whose longest role context + trajectory exceeds this.")
-    seed: int = _f(0, "Seed for LoRA init and data order.")
+    max_length: int = _f(2048, "Skip examples whose longest role context + trajectory exceeds this.", resume=True)
+    seed: int = _f(0, "Seed for LoRA init and data order.", resume=True)
     group_by_problem: bool = _f(True, "Shuffle problems, not samples: a problem's samples stay next to "
                                 "each other in the data order, so a micro-batch holding several of them "
                                 "runs the teacher and NR contexts once. Beyond the paper; false shuffles "
-                                "samples one by one.")
+                                "samples one by one.", resume=True)
     gradient_checkpointing: bool = _f(False, "Recompute the decoder's activations in the backward pass "
                                       "(less memory, about 30% more compute).")
     save_every: int = _f(50, "Write a resumable checkpoint (adapter, optimizer, scheduler, step, RNG) to "
@@ -184,20 +206,22 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "Base model."})
-    adapter: str = _f("", "PEFT adapter folder to evaluate on top of the base model ('' = base model).")
-    data: DataConfig = field(default_factory=lambda: DataConfig(split="test"),
-                             metadata={"help": "Problems to evaluate."})
+    model: ModelConfig = _sub(ModelConfig, "Base model.", resume=True)
+    adapter: str = _f("", "PEFT adapter folder to evaluate on top of the base model ('' = base model).",
+                      resume=True)
+    # A rerun may grow data.limit (and n): it then samples only what is missing.
+    data: DataConfig = _sub(lambda: DataConfig(split="test"), "Problems to evaluate.", resume=True,
+                            resume_except=("limit",))
     out: str = _f("runs/eval", "Output folder: samples.jsonl, summary.json, config.yaml.")
     n: int = _f(8, "Samples per problem.")
     ks: list = _f([1, 2, 4, 8], "k values for pass@k (each <= n).")
     budgets: list = _f([], "Token budgets to grade at (cut from one run at max_new_tokens); "
                        "[] = only max_new_tokens.")
-    temperature: float = _f(0.7, "Sampling temperature. Common practice for pass@k.")
-    top_p: float = _f(1.0, "Nucleus sampling.")
-    max_new_tokens: int = _f(256, "Largest token budget.")
+    temperature: float = _f(0.7, "Sampling temperature. Common practice for pass@k.", resume=True)
+    top_p: float = _f(1.0, "Nucleus sampling.", resume=True)
+    max_new_tokens: int = _f(256, "Largest token budget.", resume=True)
     batch_size: int = _f(32, "Sequences decoded together.")
-    seed: int = _f(1234, "Run seed; each (problem id, sample index) derives its own seed from it.")
+    seed: int = _f(1234, "Run seed; each (problem id, sample index) derives its own seed from it.", resume=True)
     grade_timeout: float = _f(5.0, "Seconds per math-verify call before the sample counts as wrong.")
 
     def __post_init__(self) -> None:
@@ -212,19 +236,42 @@ class EvalConfig:
 
 @dataclass
 class RunConfig:
-    """All stages from one config. `model` and the data sources here override the stages' own."""
+    """All stages from one config, into one run folder.
+
+    `model`, `train_data`, `test_data` and `out` are the run's own: `dail run` sets every stage's
+    model, data, adapter and output from them (`RUN_SETS` lists those stage fields). They are not
+    flags of `dail run` and a YAML file that sets them is refused, so nothing is accepted and
+    then silently overwritten.
+    """
     out: str = _f("runs/default", "Run folder.")
-    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "Model for every stage."})
-    train_data: DataConfig = field(default_factory=lambda: DataConfig(split="train", limit=16),
-                                   metadata={"help": "Expert problems to synthesize from and train on."})
-    test_data: DataConfig = field(default_factory=lambda: DataConfig(split="test", limit=16),
-                                  metadata={"help": "Held-out problems to evaluate."})
-    synth: SynthConfig = field(default_factory=SynthConfig, metadata={"help": "Stage 1."})
-    train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "Stage 2."})
-    eval: EvalConfig = field(default_factory=lambda: EvalConfig(budgets=[64, 128, 256]),
-                             metadata={"help": "Evaluation (budgets: pass@k is also graded at these token counts)."})
+    model: ModelConfig = _sub(ModelConfig, "Model for every stage.")
+    train_data: DataConfig = _sub(lambda: DataConfig(split="train", limit=16),
+                                  "Expert problems that every method synthesizes from and trains on.")
+    test_data: DataConfig = _sub(lambda: DataConfig(split="test", limit=16),
+                                 "Held-out problems to evaluate. With the same source as train_data, "
+                                 "its seed, test_fraction, fields and hf_split must equal train_data's, "
+                                 "so the train/test split is the same one.")
+    synth: SynthConfig = _sub(SynthConfig, "Stage 1.", run_sets=("model", "data", "out"))
+    train: TrainConfig = _sub(TrainConfig, "Stage 2.", run_sets=("model", "data", "expert", "out"))
+    eval: EvalConfig = _sub(lambda: EvalConfig(budgets=[64, 128, 256]),
+                            "Evaluation (budgets: pass@k is also graded at these token counts).",
+                            run_sets=("model", "adapter", "data", "out"))
     eval_train: bool = _f(False, "Also evaluate base and trained models on the training problems "
                           "(train-versus-test gap).")
+
+    def __post_init__(self) -> None:
+        _check(self.train_data.split == "train", "train_data.split", "must be train")
+        _check(self.test_data.split == "test", "test_data.split", "must be test")
+        if self.test_data.source == self.train_data.source:
+            for name in ("seed", "test_fraction", "fields", "hf_split"):
+                a, b = getattr(self.train_data, name), getattr(self.test_data, name)
+                _check(a == b, f"test_data.{name}",
+                       f"{b!r} differs from train_data.{name} ({a!r}): with one source, both splits must "
+                       "come from the same split rule, or training problems leak into the test split")
+
+
+# Stage fields that `dail run` sets itself (from RunConfig.model / train_data / test_data / out).
+RUN_SETS = {f.name: f.metadata["run_sets"] for f in dataclasses.fields(RunConfig) if "run_sets" in f.metadata}
 
 
 # ----------------------------------------------------------------------------- building configs
@@ -254,6 +301,10 @@ def from_dict(cls: type, data: dict | None, where: str = "", path: str = "") -> 
         if _is_config(tp):
             if value is not None and not isinstance(value, dict):
                 raise ConfigError(f"{where}{path}{key}: expected a mapping, got {value!r}")
+            owned = [k for k in names[key].metadata.get("run_sets", ()) if k in (value or {})]
+            if owned:
+                raise ConfigError(f"{where}config field '{path}{key}.{owned[0]}': set by dail run itself (from "
+                                  "model, train_data, test_data and out); set those instead")
             # Start from this field's own default (e.g. RunConfig.test_data has split=test), so a
             # partial override keeps the defaults it does not mention.
             f = names[key]
@@ -289,7 +340,13 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
 
 
 def to_dict(cfg: Any) -> dict:
-    return dataclasses.asdict(cfg)
+    """The config as plain data; for a RunConfig, without the stage fields `dail run` sets itself,
+    so a saved run config loads back with `--config`."""
+    out = dataclasses.asdict(cfg)
+    for f in dataclasses.fields(cfg):
+        for name in f.metadata.get("run_sets", ()):
+            out[f.name].pop(name, None)
+    return out
 
 
 def load_yaml(path: str | Path) -> dict:
@@ -318,12 +375,14 @@ def set_dotted(data: dict, dotted: str, value: Any) -> None:
 
 
 def flag_names(cls: type, prefix: str = "") -> dict[str, tuple[Any, str]]:
-    """Every settable leaf field of `cls` as {dotted name: (type, help)}."""
+    """Every settable leaf field of `cls` as {dotted name: (type, help)} (not those `dail run` sets)."""
     out = {}
     for f in dataclasses.fields(cls):
         tp = _field_type(cls, f)
         if _is_config(tp):
-            out.update(flag_names(tp, prefix=f"{prefix}{f.name}."))
+            sub = flag_names(tp, prefix=f"{prefix}{f.name}.")
+            owned = [f"{prefix}{f.name}.{n}" for n in f.metadata.get("run_sets", ())]
+            out.update({k: v for k, v in sub.items() if not any(k == o or k.startswith(o + ".") for o in owned)})
         else:
             out[f"{prefix}{f.name}"] = (tp, f.metadata.get("help", ""))
     return out
@@ -345,12 +404,7 @@ def build(cls: type, config_file: str | None = None, overrides: dict[str, Any] |
         if tp is str and not isinstance(v, str):
             v = str(v)
         set_dotted(data, k, v)
-    try:
-        return from_dict(cls, data, where=f"{config_file}: " if config_file else "")
-    except ConfigError:
-        raise
-    except TypeError as e:  # e.g. wrong kwargs deep inside
-        raise ConfigError(str(e)) from None
+    return from_dict(cls, data, where=f"{config_file}: " if config_file else "")
 
 
 def save(cfg: Any, path: str | Path) -> None:
@@ -360,15 +414,33 @@ def save(cfg: Any, path: str | Path) -> None:
 
 
 
-def check_resumable(saved: str | Path, cfg: Any, fields: tuple[str, ...], what: str) -> None:
+def resume_keys(cls: type, prefix: str = "") -> tuple[str, ...]:
+    """Dotted names of the settings that outputs of `cls` depend on (fields marked `resume=True`;
+    a marked nested config contributes all its leaves but those in `resume_except`)."""
+    keys: list[str] = []
+    for f in dataclasses.fields(cls):
+        if not f.metadata.get("resume"):
+            continue
+        tp = _field_type(cls, f)
+        if _is_config(tp):
+            skip = set(f.metadata.get("resume_except", ()))
+            keys += [f"{prefix}{f.name}.{g.name}" for g in dataclasses.fields(tp) if g.name not in skip]
+        else:
+            keys.append(f"{prefix}{f.name}")
+    return tuple(keys)
+
+
+def check_resumable(saved: str | Path, cfg: Any, what: str) -> None:
     """Refuse to append to outputs made under different settings.
 
     `saved` is the config.yaml written next to earlier outputs (`what` names them). If any of
-    `fields` differs from `cfg`, raise, so a rerun never silently mixes two settings in one file.
+    the resume keys of `cfg`'s class (`resume_keys`) differs, raise, so a rerun never silently
+    mixes two settings in one file.
     """
     saved = Path(saved)
     if not saved.exists():
         return
+
     def get(d: dict, dotted: str) -> Any:
         for part in dotted.split("."):
             if not isinstance(d, dict) or part not in d:
@@ -378,7 +450,7 @@ def check_resumable(saved: str | Path, cfg: Any, fields: tuple[str, ...], what: 
 
     old = yaml.safe_load(saved.read_text(encoding="utf-8")) or {}
     new = to_dict(cfg)
-    for f in fields:
+    for f in resume_keys(type(cfg)):
         before, now = get(old, f), get(new, f)
         if before is not _MISSING and before != now:
             raise ConfigError(f"{saved.parent}: already holds {what} made with a different '{f}' ({before!r}, "

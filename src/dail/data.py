@@ -27,8 +27,7 @@ from typing import Any, Iterable, Iterator
 
 from dail.config import DataConfig
 
-__all__ = ["Example", "DataError", "load_examples", "load_jsonl", "read_records", "append_record",
-           "split_ids"]
+__all__ = ["Example", "DataError", "load_examples", "load_problems", "load_jsonl", "load_benchmark", "split_ids"]
 
 
 class DataError(ValueError):
@@ -277,46 +276,23 @@ def load_examples(cfg: DataConfig) -> list[Example]:
                     "file or folder, or hf:NAME")
 
 
-# ----------------------------------------------------------------------------- resumable output
-
-def read_records(path: str | Path, repair: bool = True) -> list[dict]:
-    """All complete records of an output JSONL file.
-
-    A process killed mid-write can leave a torn last line. With `repair`, that line is cut
-    off the file (with a warning) so appends continue cleanly. A bad line anywhere else is an
-    error: something other than an interrupted append wrote it.
-    """
-    path = Path(path)
-    if not path.exists():
-        return []
-    data = path.read_bytes()
-    records, offset = [], 0
-    lines = data.split(b"\n")
-    for lineno, raw in enumerate(lines, start=1):
-        last = lineno == len(lines)
-        if raw.strip():
-            try:
-                records.append(json.loads(raw.decode("utf-8")))
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                torn = last or all(not x.strip() for x in lines[lineno:])
-                if not torn:
-                    raise DataError(f"{path}:{lineno}: not a valid JSON record") from None
-                if not repair:
-                    break
-                warnings.warn(f"{path}:{lineno}: torn last line ({len(raw)} bytes) from an interrupted "
-                              "write; removing it and continuing", stacklevel=2)
-                with open(path, "r+b") as fh:
-                    fh.truncate(offset)
-                break
-        offset += len(raw) + 1
-    return records
-
-
-def append_record(fh: Any, record: dict) -> None:
-    """Append one record and flush it to disk, so a crash loses at most the line being written."""
-    fh.write(json.dumps(record, ensure_ascii=False) + "\n")
-    fh.flush()
-    os.fsync(fh.fileno())
+def load_problems(data: DataConfig) -> list[Example]:
+    """Problems to evaluate: a local benchmark file (JSONL, JSON array, Parquet or CSV; a
+    solution is optional), or any expert-set source. Problems without a gold answer are left
+    out with a warning; none at all is an error."""
+    source = data.source
+    if os.path.isfile(source) and source.lower().endswith((".jsonl", ".json", ".parquet", ".csv")):
+        problems = load_benchmark(source, data.fields)
+        problems = problems[: data.limit] if data.limit else problems
+    else:
+        problems = load_examples(data)
+    graded = [ex for ex in problems if ex.answer is not None]
+    if len(graded) < len(problems):
+        warnings.warn(f"{source}: {len(problems) - len(graded)} of {len(problems)} problems have no gold "
+                      "answer and are skipped", stacklevel=2)
+    if not graded:
+        raise DataError(f"{source}: no problem has a gold answer, so nothing can be graded")
+    return graded
 
 
 # ----------------------------------------------------------------------------- benchmark files

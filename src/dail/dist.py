@@ -51,26 +51,3 @@ def shard_path(out: str | Path, rank: int, world_size: int) -> Path:
 def barrier() -> None:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         state().wait_for_everyone()
-
-
-def merge(out: str | Path, world_size: int, key: Callable[[dict], Any]) -> None:
-    """Rank 0: fold every shard file into `out` (keeping records already there), sorted by key."""
-    import json
-
-    from dail.data import read_records
-
-    out = Path(out)
-    if world_size == 1:
-        return
-    records = {key(r): r for r in read_records(out)}
-    shards = [shard_path(out, r, world_size) for r in range(world_size)]
-    for p in shards:
-        for r in read_records(p):
-            records.setdefault(key(r), r)
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        for k in sorted(records):
-            fh.write(json.dumps(records[k], ensure_ascii=False) + "\n")
-    os.replace(tmp, out)
-    for p in shards:
-        p.unlink(missing_ok=True)

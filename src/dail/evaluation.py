@@ -43,23 +43,25 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 from dail import dist
 from dail.config import EvalConfig, check_resumable, save
-from dail.data import Example, append_record, load_benchmark, load_examples, read_records
+from dail.data import Example, load_problems
+from dail.records import append_record, merge_shards, read_records
 from dail.decoding import decode, generator_for, sample_seed
+from dail.layout import eval_files
 from dail.grading import choice_problem, extract_answer, extract_choice, grade_many
+from dail.models import load_adapter_for_inference, load_model, load_tokenizer, model_label
 from dail.prompts import PROMPT_VERSION, end_of_turn_ids, render, student_messages
 
 log = logging.getLogger(__name__)
 
-__all__ = ["pass_at_k", "bootstrap_ci", "evaluate", "load_problems", "summarize", "ks_for"]
+__all__ = ["pass_at_k", "bootstrap_ci", "evaluate", "summarize", "ks_for"]
 
 BOOTSTRAP_RESAMPLES = 1000
 BOOTSTRAP_CONFIDENCE = 0.95
-# Fields whose change makes earlier samples in the same output folder invalid.
-_SAMPLING_FIELDS = ("model", "adapter", "data", "temperature", "top_p", "max_new_tokens", "seed")
 
 
 # ----------------------------------------------------------------------------- pass@k
@@ -103,25 +105,6 @@ def bootstrap_ci(values: np.ndarray, resamples: int = BOOTSTRAP_RESAMPLES,
 def ks_for(n: int, ks: list[int]) -> list[int]:
     """The requested ks plus every power of two up to n and n itself (for pass@k curves)."""
     return sorted({int(k) for k in ks} | {2 ** i for i in range(int(math.log2(n)) + 1)} | {n})
-
-
-# ----------------------------------------------------------------------------- problems
-
-def load_problems(data: Any) -> list[Example]:
-    """Problems to evaluate: a local benchmark file, or any expert-set source. Needs answers."""
-    source = data.source
-    if os.path.isfile(source) and source.lower().endswith((".jsonl", ".json", ".parquet", ".csv")):
-        problems = load_benchmark(source, data.fields)
-        problems = problems[: data.limit] if data.limit else problems
-    else:
-        problems = load_examples(data)
-    graded = [ex for ex in problems if ex.answer is not None]
-    if len(graded) < len(problems):
-        log.warning("%s: %d of %d problems have no gold answer and are skipped", source,
-                    len(problems) - len(graded), len(problems))
-    if not graded:
-        raise ValueError(f"{source}: no problem has a gold answer, so nothing can be graded")
-    return graded
 
 
 def dataset_name(source: str) -> str:
@@ -277,10 +260,6 @@ def _batches(todo: list[tuple[Example, int]], batch_size: int) -> list[list[tupl
 
 
 def _load(cfg: EvalConfig, rank: int, world_size: int) -> Any:
-    import torch
-
-    from dail.models import load_adapter_for_inference, load_model
-
     device = None
     if world_size > 1 and cfg.model.device == "auto" and torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
@@ -298,17 +277,16 @@ def evaluate(cfg: EvalConfig, model: Any = None, tokenizer: Any = None, label: s
     are loaded from cfg.model (+ cfg.adapter). `rank`/`world_size` default to the
     `accelerate launch` ones; on ranks other than 0 the summary is read back after rank 0 wrote it.
     """
-    from dail.models import load_tokenizer, model_label
-
     if rank is None or world_size is None:
         rank, world_size = dist.world()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    samples_path = out / "samples.jsonl"
+    files = eval_files(out)
+    samples_path = files["samples"]
     if any(out.glob("samples*.jsonl")):
-        check_resumable(out / "config.yaml", cfg, _SAMPLING_FIELDS, "samples")
+        check_resumable(files["config"], cfg, "samples")
     if rank == 0:
-        save(cfg, out / "config.yaml")
+        save(cfg, files["config"])
     tok = tokenizer if tokenizer is not None else load_tokenizer(cfg.model)
     budgets = sorted({int(b) for b in cfg.budgets} | {cfg.max_new_tokens})
     problems = load_problems(cfg.data)
@@ -347,10 +325,10 @@ def evaluate(cfg: EvalConfig, model: Any = None, tokenizer: Any = None, label: s
                  n_tok / max(dt, 1e-9))
 
     dist.barrier()
-    summary_path = out / "summary.json"
+    summary_path = files["summary"]
     if rank == 0:
         order = {ex.id: i for i, ex in enumerate(problems)}
-        dist.merge(samples_path, world_size,
+        merge_shards(samples_path, world_size,
                    key=lambda r: (order.get(r["id"], len(order)), str(r["id"]), int(r["sample_index"])))
         records = read_records(samples_path)
         ids = [ex.id for ex in problems]

@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dail.config import ModelConfig
 
@@ -89,8 +91,6 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 def load_tokenizer(cfg: ModelConfig) -> Any:
-    from transformers import AutoTokenizer
-
     if cfg.name == EMBEDDED:
         folder, kw = _embedded_source()
         tok = AutoTokenizer.from_pretrained(folder, **kw)
@@ -103,8 +103,6 @@ def load_tokenizer(cfg: ModelConfig) -> Any:
 
 def load_model(cfg: ModelConfig, device: torch.device | None = None) -> Any:
     """The base model, frozen, in eval mode, on `device`."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     device = device or resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     if cfg.name == EMBEDDED:
@@ -127,33 +125,19 @@ def load_model(cfg: ModelConfig, device: torch.device | None = None) -> Any:
     return model
 
 
-def load(cfg: ModelConfig) -> tuple[Any, Any]:
-    """(model, tokenizer)."""
-    return load_model(cfg), load_tokenizer(cfg)
-
-
 def model_label(cfg: ModelConfig) -> str:
     return EMBEDDED_ID if cfg.name == EMBEDDED else cfg.name
 
 
-def attach_lora(model: Any, r: int, alpha: int, dropout: float, target_modules: list[str],
-                adapter: str | None = None) -> Any:
-    """Wrap `model` in a PEFT LoRA model (new adapter, or a trained one from `adapter`).
-
-    The base weights stay shared and frozen; only the LoRA matrices train.
-    """
-    from peft import LoraConfig, PeftModel, get_peft_model
-
-    if adapter:
-        return PeftModel.from_pretrained(model, adapter, is_trainable=True)
+def attach_lora(model: Any, r: int, alpha: int, dropout: float, target_modules: list[str]) -> Any:
+    """Wrap `model` in a new PEFT LoRA adapter. The base weights stay shared and frozen; only the
+    LoRA matrices train."""
     lora = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules),
                       task_type="CAUSAL_LM")
     return get_peft_model(model, lora)
 
 
 def load_adapter_for_inference(model: Any, adapter: str) -> Any:
-    from peft import PeftModel
-
     peft_model = PeftModel.from_pretrained(model, adapter)
     peft_model.eval()
     return peft_model

@@ -1,6 +1,6 @@
-"""`dail run`: every stage from one config, into one run folder.
+"""`dail run`: every stage from one config, into one run folder (layout: `dail.layout`).
 
-    <out>/config.yaml              the resolved RunConfig
+    <out>/config.yaml              the RunConfig (loads back with --config)
     <out>/synth/synthetic.jsonl    stage 1 output (+ stats.json, student_fraction.png)
     <out>/train/adapter/           stage 2 output, PEFT format (+ metrics.jsonl)
     <out>/eval/base-test/          evaluation of the base model on held-out problems
@@ -8,6 +8,8 @@
     <out>/eval/{base,trained}-train/   with eval_train: the same on the training problems
     <out>/report.md                tables and plots comparing base and trained
 
+Every method reads the same problems: synthesis and `sft` both get `train_data` itself (one
+DataConfig), and `test_data` must split the same source by the same rule (RunConfig checks).
 With no arguments it runs the embedded default (RunConfig's defaults). Each stage resumes
 what an interrupted run already wrote.
 """
@@ -18,43 +20,37 @@ import copy
 import logging
 from pathlib import Path
 
-from dail.config import RunConfig, save
+from dail import dist
+from dail.config import DataConfig, EvalConfig, RunConfig, save
+from dail.evaluation import evaluate
+from dail.layout import RunFolder, finished_adapter
+from dail.models import load_model, load_tokenizer
+from dail.report import write_report
+from dail.synthesis import synthesize
+from dail.training import train
 
 log = logging.getLogger(__name__)
 
 
 def resolve(cfg: RunConfig) -> RunConfig:
-    """Point every stage at the run folder, the shared model and the run's data sources."""
+    """Point every stage at the run folder, the shared model and the run's data."""
     cfg = copy.deepcopy(cfg)
-    out = Path(cfg.out)
+    run = RunFolder(Path(cfg.out))
     cfg.synth.model = cfg.train.model = cfg.eval.model = cfg.model
-    cfg.synth.data = cfg.train_data
-    cfg.synth.out = str(out / "synth" / "synthetic.jsonl")
-    if cfg.train.loss == "sft":
-        cfg.train.data = cfg.train_data.source
-    else:
-        cfg.train.data = cfg.synth.out
-    cfg.train.out = str(out / "train")
-    cfg.eval.data = cfg.test_data
-    cfg.eval.adapter = ""
-    cfg.eval.out = str(out / "eval")
+    cfg.synth.data = cfg.train.expert = cfg.train_data
+    cfg.synth.out = cfg.train.data = str(run.synth)
+    cfg.train.out = str(run.train)
+    cfg.eval.data, cfg.eval.adapter, cfg.eval.out = cfg.test_data, "", str(run.root / "eval")
     return cfg
 
 
 def run(cfg: RunConfig) -> Path:
-    from dail import dist
-    from dail.evaluation import evaluate
-    from dail.models import load_model, load_tokenizer
-    from dail.report import write_report
-    from dail.synthesis import synthesize
-    from dail.training import train
-
-    cfg = resolve(cfg)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     rank, _ = dist.world()
+    folder = RunFolder(Path(cfg.out))
+    folder.root.mkdir(parents=True, exist_ok=True)
     if rank == 0:
-        save(cfg, out / "config.yaml")
+        save(cfg, folder.config)
+    cfg = resolve(cfg)
 
     tokenizer = load_tokenizer(cfg.model)
     model = load_model(cfg.model)
@@ -65,10 +61,10 @@ def run(cfg: RunConfig) -> Path:
     evals = [("test", cfg.test_data)] + ([("train", cfg.train_data)] if cfg.eval_train else [])
     for split, data in evals:
         log.info("evaluating the base model on %s problems", split)
-        evaluate(_eval_cfg(cfg, data, f"base-{split}", adapter=""), model, tokenizer, label="base")
+        evaluate(_eval_cfg(cfg, data, folder.eval(f"base-{split}"), adapter=""), model, tokenizer, label="base")
 
-    adapter = Path(cfg.train.out) / "adapter"
-    if (Path(cfg.train.out) / "train_info.json").exists() and (adapter / "adapter_config.json").exists():
+    adapter = finished_adapter(cfg.train.out)
+    if adapter is not None:
         log.info("stage 2/3: %s already holds a finished adapter; not retraining", cfg.train.out)
     else:
         log.info("stage 2/3: training (%s) -> %s", cfg.train.loss, cfg.train.out)
@@ -77,17 +73,14 @@ def run(cfg: RunConfig) -> Path:
     del model  # evaluation of the trained model loads base + adapter fresh
     for split, data in evals:
         log.info("evaluating the trained model on %s problems", split)
-        evaluate(_eval_cfg(cfg, data, f"trained-{split}", adapter=str(adapter)), label="trained")
+        evaluate(_eval_cfg(cfg, data, folder.eval(f"trained-{split}"), adapter=str(adapter)), label="trained")
 
     if rank == 0:
-        report = write_report([out], out)
-        log.info("report: %s", report)
-    return out
+        log.info("report: %s", write_report([folder.root], folder.root))
+    return folder.root
 
 
-def _eval_cfg(cfg: RunConfig, data, name: str, adapter: str):
+def _eval_cfg(cfg: RunConfig, data: DataConfig, out: Path, adapter: str) -> EvalConfig:
     e = copy.deepcopy(cfg.eval)
-    e.data = data
-    e.adapter = adapter
-    e.out = str(Path(cfg.out) / "eval" / name)
+    e.data, e.adapter, e.out = data, adapter, str(out)
     return e

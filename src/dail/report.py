@@ -20,6 +20,11 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import matplotlib
+from matplotlib.figure import Figure
+
+from dail.layout import RunFolder, summaries, synth_files
+
 log = logging.getLogger(__name__)
 
 __all__ = ["collect", "write_report"]
@@ -30,9 +35,7 @@ def collect(run_dirs: list[Path]) -> list[tuple[str, dict]]:
     found = []
     for run in run_dirs:
         run = Path(run)
-        paths = sorted(run.glob("eval/*/summary.json"))
-        if (run / "summary.json").exists():
-            paths.insert(0, run / "summary.json")
+        paths = summaries(run)
         if not paths:
             log.warning("%s: no eval/*/summary.json found", run)
         for p in paths:
@@ -72,16 +75,12 @@ def _style(summary: dict) -> str:
 
 
 def _plots(evals: list[tuple[str, dict]], out: Path, subtitle: str) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colors = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
     written = []
 
     # pass@k against k at the largest budget
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    fig = Figure(figsize=(7, 4.5), dpi=120)
+    ax = fig.subplots()
     all_ks = set()
     for i, (label, s) in enumerate(evals):
         ks = [int(k) for k in s["pass_at_k"]]
@@ -104,13 +103,13 @@ def _plots(evals: list[tuple[str, dict]], out: Path, subtitle: str) -> list[str]
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     fig.savefig(out / "pass_at_k.png")
-    plt.close(fig)
     written.append("pass_at_k.png")
 
     # pass@k against the token budget, for k = 1 and the largest k
     k_max = max(all_ks)
     k_panels = [1] if k_max == 1 else [1, k_max]
-    fig, axes = plt.subplots(1, len(k_panels), figsize=(6 * len(k_panels), 4.5), dpi=120, squeeze=False)
+    fig = Figure(figsize=(6 * len(k_panels), 4.5), dpi=120)
+    axes = fig.subplots(1, len(k_panels), squeeze=False)
     for ax, k in zip(axes[0], k_panels):
         all_budgets: set[int] = set()
         for i, (label, s) in enumerate(evals):
@@ -136,7 +135,6 @@ def _plots(evals: list[tuple[str, dict]], out: Path, subtitle: str) -> list[str]
     fig.suptitle(subtitle, fontsize=9)
     fig.tight_layout()
     fig.savefig(out / "pass_at_budget.png")
-    plt.close(fig)
     written.append("pass_at_budget.png")
     return written
 
@@ -212,7 +210,7 @@ def write_report(run_dirs: list[Path], out: Path, title: str | None = None) -> P
             md += [f"![{png[:-4]}]({png})", ""]
 
     for run in run_dirs:
-        stats_path = run / "synth" / "stats.json"
+        stats_path = synth_files(RunFolder(Path(run)).synth)["stats"]
         if stats_path.exists():
             try:
                 stats = json.loads(stats_path.read_text(encoding="utf-8"))
@@ -220,6 +218,6 @@ def write_report(run_dirs: list[Path], out: Path, title: str | None = None) -> P
                 md += [f"## Synthesis: `{run.resolve().name}`", "", f"(could not read {stats_path}: {e})", ""]
                 continue
             md += [f"## Synthesis: `{run.resolve().name}`", "", *_stats_lines(stats), ""]
-    path = out / "report.md"
+    path = RunFolder(out).report
     path.write_text("\n".join(md), encoding="utf-8")
     return path

@@ -30,36 +30,22 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
 from dail import dist
 from dail.config import SynthConfig, check_resumable, save
-from dail.data import Example, append_record, load_examples, read_records
+from dail.data import Example, load_examples
+from dail.records import append_record, merge_shards, read_records
 from dail.decoding import decode, generator_for, sample_seed
+from dail.grading import grade_many
 from dail.landmarks import extract_landmarks
+from dail.layout import synth_files
 from dail.models import load_model, load_tokenizer, model_label
 from dail.prompts import (PROMPT_VERSION, direct_messages, end_of_turn_ids, render, student_messages,
                           teacher_messages)
 
 log = logging.getLogger(__name__)
-
-
-# Settings that change what a trajectory is; a rerun into the same file must keep them.
-# (data.limit and samples_per_problem may grow: a rerun then adds the missing records.)
-_SAMPLING_FIELDS = ("model", "data.source", "data.split", "data.seed", "data.test_fraction", "data.fields",
-                    "mode", "tau", "temperature", "top_p", "max_new_tokens", "seed", "landmarks", "keep")
-
-
-def side_paths(out: Path) -> dict[str, Path]:
-    """Files that live next to the synthetic set."""
-    return {
-        "out": out,
-        "rejected": out.with_name(f"{out.stem}.rejected.jsonl"),
-        "skipped": out.with_name(f"{out.stem}.skipped.jsonl"),
-        "stats": out.with_name("stats.json"),
-        "histogram": out.with_name("student_fraction.png"),
-        "config": out.with_name("config.yaml"),
-    }
 
 
 def _key(record: dict) -> tuple[str, int]:
@@ -71,8 +57,10 @@ def _window(model: Any) -> int:
     return int(getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", 1 << 30))
 
 
-def _landmarks(ex: Example, kind: str) -> list[str]:
-    return ex.landmarks if ex.landmarks is not None else extract_landmarks(ex.solution, kind)
+def _landmarks(ex: Example, kind: str) -> tuple[list[str], str]:
+    """The negative reference's landmarks and where they came from: the expert record's own list
+    wins over the extractor (kind 'expert'), else `kind` extracts them from the solution."""
+    return (ex.landmarks, "expert") if ex.landmarks is not None else (extract_landmarks(ex.solution, kind), kind)
 
 
 def synthesize(cfg: SynthConfig, model: Any = None, tokenizer: Any = None,
@@ -80,13 +68,17 @@ def synthesize(cfg: SynthConfig, model: Any = None, tokenizer: Any = None,
     """Write the synthetic set for `cfg` (resuming what is already there); returns its path."""
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    paths = side_paths(out)
+    paths = synth_files(out)
     rank, world = dist.world()
     if any(p.exists() and p.stat().st_size for p in (out, paths["rejected"], paths["skipped"])):
-        check_resumable(paths["config"], cfg, _SAMPLING_FIELDS, "trajectories")
+        check_resumable(paths["config"], cfg, "trajectories")
     if rank == 0:
         save(cfg, paths["config"])
     examples = examples if examples is not None else load_examples(cfg.data)  # bad data fails fast
+    own = sum(ex.landmarks is not None for ex in examples)
+    if own:
+        log.info("landmarks: %d of %d expert records carry their own list, which wins over the '%s' "
+                 "extractor; the other %d are extracted", own, len(examples), cfg.landmarks, len(examples) - own)
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.model)
     model = model if model is not None else load_model(cfg.model)
     label = model_label(cfg.model)
@@ -141,8 +133,9 @@ def synthesize(cfg: SynthConfig, model: Any = None, tokenizer: Any = None,
             grades = _grade(texts, [ex.answer for ex, *_ in batch], cfg.grade_timeout)
             for (ex, i, _, _), d, text, correct in zip(batch, decoded, texts, grades):
                 n_tokens += len(d.tokens)
+                marks, marks_kind = _landmarks(ex, cfg.landmarks)
                 record = ex.to_dict() | {
-                    "landmarks": _landmarks(ex, cfg.landmarks),
+                    "landmarks": marks, "landmarks_kind": marks_kind,
                     "trajectory": text, "trajectory_ids": d.tokens, "teacher_mask": d.teacher_mask,
                     "p_student": d.p_student, "p_teacher": d.p_teacher, "q": d.q,
                     "finish_reason": d.finish_reason, "mode": cfg.mode, "tau": cfg.tau,
@@ -164,7 +157,7 @@ def synthesize(cfg: SynthConfig, model: Any = None, tokenizer: Any = None,
     dist.barrier()
     if rank == 0:
         for name in ("out", "rejected", "skipped"):
-            dist.merge(paths[name], world, key=_key)
+            merge_shards(paths[name], world, key=_key)
         kept, rejected = read_records(out), read_records(paths["rejected"])
         fractions = student_fractions(kept + rejected)
         stats = compute_stats(kept, rejected, len(read_records(paths["skipped"])), fractions, out, cfg)
@@ -182,8 +175,6 @@ def _grade(texts: list[str], answers: list[str | None], timeout: float) -> list[
     idx = [i for i, a in enumerate(answers) if a]
     grades: list[bool | None] = [None] * len(texts)
     if idx:
-        from dail.grading import grade_many
-
         for i, g in zip(idx, grade_many([texts[i] for i in idx], [answers[i] for i in idx], timeout=timeout)):
             grades[i] = bool(g)
     return grades
@@ -250,12 +241,8 @@ def _summary_line(stats: dict) -> str:
 
 
 def plot_student_fraction(fractions: dict[str, float], png: Path, cfg: SynthConfig) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    fig = Figure(figsize=(6, 4), dpi=120)
+    ax = fig.subplots()
     ax.hist(list(fractions.values()), bins=[i / 20 for i in range(21)], color="tab:blue", edgecolor="white",
             label=f"{len(fractions)} problems")
     ax.set_xlim(0, 1)
@@ -266,4 +253,3 @@ def plot_student_fraction(fractions: dict[str, float], png: Path, cfg: SynthConf
     ax.legend()
     fig.tight_layout()
     fig.savefig(png)
-    plt.close(fig)

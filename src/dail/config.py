@@ -93,7 +93,7 @@ class SynthConfig:
     mode: str = _f("mixed", "mixed (student writes, teacher vetoes) or direct (teacher alone writes).", resume=True)
     tau: float = _f(0.3, "Acceptance threshold on the teacher's probability of the student's token. "
                     "0 = pure student, >1 = pure teacher. 0.3 is our measurement: ~80% student tokens "
-                    "while most of the teacher's correctness comes through (DESIGN.md table).", resume=True)
+                    "while most of the teacher's correctness comes through (docs/design.md, Stage 1 table).", resume=True)
     temperature: float = _f(0.7, "Sampling temperature for both roles (0 = greedy). Common practice.", resume=True)
     top_p: float = _f(1.0, "Nucleus sampling for both roles.", resume=True)
     max_new_tokens: int = _f(256, "Trajectory length cap.", resume=True)

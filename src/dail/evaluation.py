@@ -1,6 +1,6 @@
 """Evaluation: n samples per problem, graded, summarized as pass@k by k and by token budget.
 
-`evaluate(cfg)` (DESIGN.md "Evaluation"):
+`evaluate(cfg)` (docs/design.md "Evaluation"):
 - draws `cfg.n` samples per problem with `dail.decoding.decode` (plain sampling on the student
   prompt, stop at end-of-turn). Each (problem, sample) has its own generator, seeded from
   (run seed, id, sample index), so results do not depend on batching, order or sharding. All

@@ -1,6 +1,6 @@
 """Loading the one set of base weights, attaching LoRA, and switching roles.
 
-DAIL's three roles share frozen base weights (DESIGN.md "The three roles"): the student is
+DAIL's three roles share frozen base weights (docs/design.md "The three roles"): the student is
 base + LoRA (adapter on); the teacher and the negative reference are the base with the
 adapter off. Nothing here copies the model: `adapter_off(model)` is a context manager that
 disables the PEFT adapter for the teacher/NR forwards and restores it afterwards.

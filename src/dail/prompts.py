@@ -1,7 +1,7 @@
 """Every prompt DAIL uses, in one place, versioned.
 
 Four contexts, each chat-formatted with the model's own template and ending where the
-assistant's turn begins (DESIGN.md "The three roles"):
+assistant's turn begins (docs/design.md "The three roles"):
 
 - student:   problem x
 - teacher:   problem x + expert solution s

@@ -1,6 +1,6 @@
 """Stage 1: rewrite expert solutions into trajectories in the model's own distribution.
 
-`synthesize(cfg)` turns an expert set into the synthetic set (DESIGN.md "Stage 1"):
+`synthesize(cfg)` turns an expert set into the synthetic set (docs/design.md "Stage 1"):
 - mixed mode: the student (model on the problem) writes, the teacher (same weights on
   problem + expert solution) vetoes tokens it finds unlikely (`dail.decoding.decode`, one
   fused forward over 2B rows per token);

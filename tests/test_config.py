@@ -120,7 +120,7 @@ def test_run_test_split_must_come_from_the_same_split_rule():
 def test_landmark_kind_is_checked_when_the_config_is_built():
     with pytest.raises(ConfigError, match="'landmarks'.*unknown"):
         build(SynthConfig, None, {"landmarks": "foo"})
-    with pytest.raises(ConfigError, match="'landmarks'.*invalid pattern"):
+    with pytest.raises(ConfigError, match="'landmarks'.*invalid regular expression"):
         build(SynthConfig, None, {"landmarks": "regex:(unclosed"})
     assert build(SynthConfig, None, {"landmarks": "regex:\\d+"}).landmarks == "regex:\\d+"
     # One landmarks setting: training reads the landmarks synthesis wrote into the records.
@@ -149,3 +149,52 @@ def test_check_resumable_names_the_changed_field(tmp_path):
     check_resumable(tmp_path / "config.yaml", build(SynthConfig, None, {"tau": 0.3, "data.limit": 9}), "x")
     with pytest.raises(ConfigError, match="different 'data.seed'"):
         check_resumable(tmp_path / "config.yaml", build(SynthConfig, None, {"data.seed": 2}), "x")
+
+
+def _numeric_fields():
+    from dail.config import EvalConfig, flag_names
+
+    return [(cls, name, tp) for cls in (SynthConfig, TrainConfig, EvalConfig)
+            for name, (tp, _) in flag_names(cls).items() if tp in (int, float)]
+
+
+@pytest.mark.parametrize("cls, name, tp", _numeric_fields(), ids=lambda x: getattr(x, "__name__", x))
+def test_numeric_flags_accept_the_forms_people_type(cls, name, tp):
+    # YAML 1.1 reads `1e-3` as a string, so `dail train --lr 1e-3` used to be refused.
+    forms = {float: ["1e-3", "1E-3", ".001", "0.001"], int: ["1_000", "1000", "+1000"]}[tp]
+    values = set()
+    for raw in forms:
+        try:
+            cfg = build(cls, None, {name: raw})
+        except ConfigError as e:  # a range check may refuse the value, never its form
+            assert "expected" not in str(e), e
+            continue
+        node = cfg
+        for part in name.split("."):
+            node = getattr(node, part)
+        assert isinstance(node, tp) and not isinstance(node, bool)
+        values.add(node)
+    assert len(values) <= 1  # every accepted form means the same number
+
+
+def test_flags_are_parsed_by_field_type():
+    from dail.config import EvalConfig
+
+    cfg = build(EvalConfig, None, {"ks": "1,2,4", "budgets": "[8,16]", "n": "4", "data.fields": "{problem: q}",
+                                   "temperature": "7e-1"})
+    assert (cfg.ks, cfg.budgets, cfg.n, cfg.data.fields, cfg.temperature) == ([1, 2, 4], [8, 16], 4, {"problem": "q"}, 0.7)
+    assert build(TrainConfig, None, {"lr": "1e-3", "group_by_problem": "no"}).lr == 1e-3
+    for bad, match in [({"ks": "[a]"}, "'ks': expected a non-empty list of integers"),
+                       ({"n": "1.5"}, "'n': expected int"), ({"batch_size": "0"}, "'batch_size': must be > 0"),
+                       ({"batch_size": "-3"}, "'batch_size': must be > 0"),
+                       ({"grade_timeout": "0"}, "'grade_timeout': must be > 0"),
+                       ({"model.device": "gpu"}, "'model.device': expected auto|cpu|cuda")]:
+        with pytest.raises(ConfigError, match=match):
+            build(EvalConfig, None, bad)
+
+
+def test_yaml_scientific_notation_is_a_float(tmp_path):
+    y = tmp_path / "t.yaml"
+    y.write_text("lr: 1e-3\nweight_decay: 1E-2\n", encoding="utf-8")
+    cfg = build(TrainConfig, str(y))
+    assert (cfg.lr, cfg.weight_decay) == (1e-3, 1e-2)

@@ -7,8 +7,9 @@
     dail report RUN [RUN ...] [--out DIR]
 
 Flags are generated from the stage's config dataclass (`dail.config`), with nested fields as
-dotted flags (`--model.name`, `--data.limit`). Values are parsed as YAML, so lists work:
-`--ks [1,4,16]`. Precedence: defaults < YAML file < flags.
+dotted flags (`--model.name`, `--data.limit`). Each value is parsed by its field's type:
+`--lr 1e-3`, `--limit 1_000`, `--ks [1,4,16]` or `--ks 1,4,16`, `--data.fields '{problem: q}'`.
+Precedence: defaults < YAML file < flags.
 """
 
 from __future__ import annotations
@@ -20,8 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from dail.config import (ConfigError, EvalConfig, RunConfig, SynthConfig, TrainConfig, build, flag_names,
-                         parse_flag_value)
+from dail.config import (ConfigError, EvalConfig, RunConfig, SynthConfig, TrainConfig, build, flag_names)
 from dail.data import DataError
 from dail.layout import RunFolder, eval_files, summaries
 
@@ -66,7 +66,7 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    return {k[4:]: parse_flag_value(v) for k, v in vars(args).items() if k.startswith("cfg:")}
+    return {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg:")}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,6 +12,7 @@ its help string; the README's "Defaults" table collects them.
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +44,10 @@ class ConfigError(ValueError):
     """A config value is out of range or of the wrong type; the message names the field."""
 
 
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
 def _check(cond: bool, name: str, msg: str) -> None:
     if not cond:
         raise ConfigError(f"config field '{name}': {msg}")
@@ -60,6 +65,9 @@ class ModelConfig:
     def __post_init__(self) -> None:
         _check(self.dtype in ("auto", "float32", "bfloat16", "float16"), "model.dtype",
                f"expected auto|float32|bfloat16|float16, got {self.dtype!r}")
+        _check(re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device) is not None, "model.device",
+               f"expected auto|cpu|cuda|cuda:N|mps, got {self.device!r}")
+        _check(bool(self.name.strip()), "model.name", "must not be empty")
 
 
 @dataclass
@@ -186,6 +194,11 @@ class TrainConfig:
                 "neg_cap > 0 to cap the per-token negative KL.")
         _check(self.scheduler in ("cosine", "constant"), "scheduler", "expected cosine|constant")
         _check(self.lora_r > 0, "lora_r", "must be > 0")
+        _check(self.lora_alpha > 0, "lora_alpha", "must be > 0")
+        _check(0 <= self.lora_dropout < 1, "lora_dropout", "must be in [0, 1)")
+        _check(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        _check(bool(self.target_modules) and all(isinstance(m, str) and m for m in self.target_modules),
+               "target_modules", f"expected a non-empty list of module names, got {self.target_modules!r}")
         _check(self.lr > 0, "lr", "must be > 0")
         _check(self.batch_size > 0 and self.micro_batch_size > 0, "batch_size", "must be > 0")
         _check(self.batch_size % self.micro_batch_size == 0, "batch_size",
@@ -226,11 +239,16 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         _check(self.n > 0, "n", "must be > 0")
-        _check(all(0 < int(k) <= self.n for k in self.ks), "ks", f"each k must be in 1..n (n={self.n})")
+        _check(bool(self.ks) and all(_is_int(k) for k in self.ks), "ks",
+               f"expected a non-empty list of integers, got {self.ks!r}")
+        _check(all(0 < k <= self.n for k in self.ks), "ks", f"each k must be in 1..n (n={self.n})")
+        _check(all(_is_int(b) for b in self.budgets), "budgets", f"expected a list of integers, got {self.budgets!r}")
+        _check(self.batch_size > 0, "batch_size", "must be > 0")
+        _check(self.grade_timeout > 0, "grade_timeout", "must be > 0")
         _check(self.temperature >= 0, "temperature", "must be >= 0")
         _check(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
         _check(self.max_new_tokens > 0, "max_new_tokens", "must be > 0")
-        _check(all(0 < int(b) <= self.max_new_tokens for b in self.budgets), "budgets",
+        _check(all(0 < b <= self.max_new_tokens for b in self.budgets), "budgets",
                f"each budget must be in 1..max_new_tokens ({self.max_new_tokens})")
 
 
@@ -311,7 +329,10 @@ def from_dict(cls: type, data: dict | None, where: str = "", path: str = "") -> 
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else tp()
             kwargs[key] = from_dict(tp, _merge(to_dict(default), value or {}), where, f"{path}{key}.")
         else:
-            kwargs[key] = _coerce(value, tp, f"{where}{path}{key}")
+            try:
+                kwargs[key] = parse_value(value, tp, f"{path}{key}")
+            except ConfigError as e:
+                raise ConfigError(f"{where}{e}") from None
     try:
         return cls(**kwargs)
     except ConfigError as e:  # name the nested field: 'eval.budgets', not 'budgets'
@@ -327,16 +348,40 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
-def _coerce(value: Any, tp: Any, name: str) -> Any:
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+_FALSE, _TRUE = ("false", "no", "off", "0"), ("true", "yes", "on", "1")
+
+
+def parse_value(raw: Any, tp: Any, name: str) -> Any:
+    """`raw` as a value of the field type `tp`; strings (flags, and YAML 1.1 scalars such as
+    `1e-3`, which it reads as a string) are parsed by the type, not by YAML's guess.
+
+    float: 1e-3, 1E-3, .001, 2 | int: 12, 1_000 | bool: true/false/yes/no/on/off/1/0 |
+    list: [1,4,16] or 1,4,16 (items parsed as YAML scalars) | dict: a YAML mapping | str: as is.
+    """
     base = {"str": str, "int": int, "float": float, "bool": bool, "list": list, "dict": dict}
     expected = tp if isinstance(tp, type) else base.get(str(tp))
-    if expected is not None and not isinstance(value, expected):
-        raise ConfigError(f"config field '{name}': expected {expected.__name__}, got {value!r}")
-    if expected is int and isinstance(value, bool):
-        raise ConfigError(f"config field '{name}': expected int, got {value!r}")
-    return value
+    if isinstance(raw, str) and expected is not str:
+        text = raw.strip()
+        try:
+            if expected is float:
+                return float(text)
+            if expected is int:
+                return int(text.replace("_", "")) if re.fullmatch(r"[-+]?\d[\d_]*", text) else int(text)
+            if expected is bool and text.lower() in _TRUE + _FALSE:
+                return text.lower() in _TRUE
+            if expected is list:
+                value = yaml.safe_load(text if text.startswith("[") else f"[{text}]") if text else []
+                return value
+            if expected is dict:
+                return yaml.safe_load(text) if text else {}
+        except (ValueError, yaml.YAMLError):
+            pass
+        raise ConfigError(f"config field '{name}': expected {expected.__name__}, got {raw!r}")
+    if expected is float and _is_int(raw):
+        return float(raw)
+    if expected is not None and (not isinstance(raw, expected) or (expected is int and isinstance(raw, bool))):
+        raise ConfigError(f"config field '{name}': expected {expected.__name__}, got {raw!r}")
+    return raw
 
 
 def to_dict(cfg: Any) -> dict:
@@ -388,21 +433,13 @@ def flag_names(cls: type, prefix: str = "") -> dict[str, tuple[Any, str]]:
     return out
 
 
-def parse_flag_value(raw: str) -> Any:
-    """Flags are parsed as YAML scalars/lists, so `--ks [1,4,16]` and `--tau 0.3` both work."""
-    try:
-        return yaml.safe_load(raw)
-    except yaml.YAMLError:
-        return raw
-
-
 def build(cls: type, config_file: str | None = None, overrides: dict[str, Any] | None = None) -> Any:
     """Defaults <- YAML file <- flag overrides (dotted names)."""
     data = load_yaml(config_file) if config_file else {}
+    flags = flag_names(cls)
     for k, v in (overrides or {}).items():
-        tp = flag_names(cls).get(k, (None,))[0]
-        if tp is str and not isinstance(v, str):
-            v = str(v)
+        if k in flags:  # flags arrive as strings: parse each by its field's type
+            v = parse_value(v, flags[k][0], k)
         set_dotted(data, k, v)
     return from_dict(cls, data, where=f"{config_file}: " if config_file else "")
 

@@ -24,6 +24,7 @@ from typing import Any
 from dail.config import (ConfigError, EvalConfig, RunConfig, SynthConfig, TrainConfig, build, flag_names)
 from dail.data import DataError
 from dail.layout import RunFolder, eval_files, summaries
+from dail.lock import LockError
 
 # One subcommand per stage: (its config, the function it calls with that config, help). The
 # functions are named, not imported, so that `dail --help` and config errors answer before
@@ -94,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except ConfigError as e:
         parser.exit(2, f"dail {args.command}: config error: {e}\n")
-    except (DataError, FileNotFoundError) as e:
+    except (DataError, FileNotFoundError, LockError) as e:
         parser.exit(2, f"dail {args.command}: {e}\n")
     return 0
 

@@ -16,6 +16,8 @@ Errors name the file, the line (or row) and the field, and say what was expected
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import random
@@ -78,8 +80,32 @@ def _example_from_obj(obj: Any, where: str) -> Example:
     meta = obj.get("meta") or {}
     if not isinstance(meta, dict):
         raise DataError(f"{where}: field 'meta': expected an object, got {meta!r}")
+    for key, value in (("problem", obj["problem"]), ("solution", obj["solution"]), ("answer", answer)):
+        _check_text(value, where, key)
     return Example(id=ex_id, problem=obj["problem"], solution=obj["solution"], answer=answer,
                    landmarks=landmarks, meta=meta)
+
+
+def _check_text(value: Any, where: str, key: str) -> None:
+    """Refuse text that cannot be encoded (a lone surrogate such as JSON's "\\ud800"), which the
+    tokenizer would otherwise fail on deep inside the first batch."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise DataError(f"{where}: field '{key}': character {e.start} is a lone surrogate "
+                            f"({value[e.start]!r}), not text") from None
+
+
+def _json(text: str, where: str) -> Any:
+    """One JSON document; errors name `where` and the column."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        at = f"line {e.lineno}, column {e.colno}" if e.lineno > 1 else f"column {e.colno}"
+        raise DataError(f"{where}: not valid JSON ({e.msg} at {at})") from None
+    except RecursionError:
+        raise DataError(f"{where}: JSON nested too deeply to be a record") from None
 
 
 def _check_unique(examples: Iterable[tuple[Example, str]]) -> list[Example]:
@@ -93,8 +119,9 @@ def _check_unique(examples: Iterable[tuple[Example, str]]) -> list[Example]:
     return out
 
 
-def _lines(path: Path) -> Iterator[tuple[int, str]]:
-    """(line number, text) of each non-blank line; non-UTF-8 bytes are an error naming the line."""
+def _lines(path: Path, keep_blank: bool = False) -> Iterator[tuple[int, str]]:
+    """(line number, text) of each non-blank line (every line with `keep_blank`); non-UTF-8 bytes
+    are an error naming the line."""
     with open(path, "rb") as fh:
         for lineno, raw in enumerate(fh, start=1):
             try:
@@ -102,7 +129,7 @@ def _lines(path: Path) -> Iterator[tuple[int, str]]:
             except UnicodeDecodeError as e:
                 raise DataError(f"{path}:{lineno}: not valid UTF-8 (byte {e.start}: {raw[e.start:e.start + 1]!r}); "
                                 "save the file as UTF-8") from None
-            if text.strip():
+            if keep_blank or text.strip():
                 yield lineno, text
 
 
@@ -115,10 +142,7 @@ def load_jsonl(path: str | Path) -> list[Example]:
     def parsed() -> Iterator[tuple[Example, str]]:
         for lineno, text in _lines(path):
             where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+            obj = _json(text, where)
             yield _example_from_obj(obj, where), where
 
     examples = _check_unique(parsed())
@@ -322,19 +346,17 @@ def _benchmark_rows(path: Path) -> list[dict]:
 
         return pq.read_table(path).to_pylist()
     if suffix == ".csv":
-        import csv
-
-        with open(path, newline="", encoding="utf-8") as fh:
-            return list(csv.DictReader(fh))
-    if suffix == ".json" and path.read_text(encoding="utf-8").lstrip().startswith("["):
-        return json.loads(path.read_text(encoding="utf-8"))  # one JSON array instead of JSONL
-    rows = []
-    for lineno, text in _lines(path):
-        try:
-            rows.append(json.loads(text))
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
-    return rows
+        # utf-8-sig: a spreadsheet's byte-order mark would otherwise glue itself to the first column name.
+        text = "".join(line for _, line in _lines(path, keep_blank=True)).removeprefix("\ufeff")
+        return list(csv.DictReader(io.StringIO(text, newline="")))
+    if suffix == ".json":
+        text = "".join(line for _, line in _lines(path, keep_blank=True))
+        if text.lstrip().startswith("["):  # one JSON array instead of JSONL
+            rows = _json(text, str(path))
+            if not isinstance(rows, list):
+                raise DataError(f"{path}: expected a JSON array of objects")
+            return rows
+    return [_json(text, f"{path}:{lineno}") for lineno, text in _lines(path)]
 
 
 def load_benchmark(path: str | Path, fields: dict | None = None) -> list[Example]:
@@ -404,9 +426,14 @@ def load_benchmark(path: str | Path, fields: dict | None = None) -> list[Example
             if answer is None:
                 raise DataError(f"{where}: field 'answer' (column {mapping.get('answer')!r}): missing; every "
                                 "benchmark problem needs a gold answer (set data.fields.answer)")
+            if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
+                raise DataError(f"{where}: field 'answer' (column {mapping.get('answer')!r}): expected a string "
+                                f"or number, got {type(answer).__name__} {answer!r}")
             answer = str(answer).strip()
         ex_id = get("id")
         solution = get("solution")
+        for key, value in (("problem", problem), ("answer", answer), ("solution", solution)):
+            _check_text(value, where, key)
         out.append(Example(id=str(ex_id) if ex_id is not None else f"{path.stem}-{i}", problem=problem.strip(),
                            solution=str(solution).strip() if solution is not None else "", answer=answer,
                            meta=meta))

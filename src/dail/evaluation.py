@@ -48,12 +48,13 @@ from tqdm.auto import tqdm
 
 from dail import dist
 from dail.config import EvalConfig, check_resumable, save
-from dail.data import Example, load_problems
+from dail.data import DataError, Example, load_problems
+from dail.lock import output_lock
 from dail.records import append_record, merge_shards, read_records
 from dail.decoding import decode, generator_for, sample_seed
 from dail.layout import eval_files
 from dail.grading import choice_problem, extract_answer, extract_choice, grade_many
-from dail.models import load_adapter_for_inference, load_model, load_tokenizer, model_label
+from dail.models import check_adapter, check_source, context_window, load_adapter_for_inference, load_model, load_tokenizer, model_label
 from dail.prompts import PROMPT_VERSION, end_of_turn_ids, render, student_messages
 
 log = logging.getLogger(__name__)
@@ -195,6 +196,11 @@ def summarize(records: list[dict], problem_ids: list[str], n: int, ks: list[int]
               seed: int = 0) -> dict:
     """pass@k (mean over problems, bootstrap CI) by k and by budget, plus token statistics."""
     by_id: dict[str, list[dict]] = {pid: [] for pid in problem_ids}
+    seen = Counter((r["id"], r["sample_index"]) for r in records)
+    doubled = [key for key, count in seen.items() if count > 1]
+    if doubled:  # two writers on one file; counting both copies would inflate pass@k
+        raise DataError(f"summary: {len(doubled)} (id, sample_index) pairs occur more than once (e.g. "
+                        f"{doubled[0]!r}); the samples file was written twice")
     for r in records:
         if r["id"] in by_id and r["sample_index"] < n:
             by_id[r["id"]].append(r)
@@ -269,6 +275,21 @@ def _load(cfg: EvalConfig, rank: int, world_size: int) -> Any:
     return model
 
 
+def _capped(max_new_tokens: int, prompts: list[list[int]], batch: list[tuple[Example, int]], window: int) -> int:
+    """`max_new_tokens`, cut so that the longest prompt of the batch plus it fits the model's
+    window (logged where it applies); a prompt that leaves no room is an error."""
+    longest = max(range(len(prompts)), key=lambda i: len(prompts[i]))
+    room = window - len(prompts[longest])
+    if room <= 0:
+        raise DataError(f"problem {batch[longest][0].id!r}: its prompt has {len(prompts[longest])} tokens, which "
+                        f"fills the model's window of {window} positions")
+    if room < max_new_tokens:
+        log.warning("problem %r: prompt of %d tokens + max_new_tokens %d exceeds the model's window of %d; "
+                    "sampling at most %d tokens in its batch", batch[longest][0].id, len(prompts[longest]),
+                    max_new_tokens, window, room)
+    return min(max_new_tokens, room)
+
+
 def evaluate(cfg: EvalConfig, model: Any = None, tokenizer: Any = None, label: str | None = None,
              rank: int | None = None, world_size: int | None = None) -> dict:
     """Sample, grade and summarize; returns the summary (also written to <out>/summary.json).
@@ -279,6 +300,14 @@ def evaluate(cfg: EvalConfig, model: Any = None, tokenizer: Any = None, label: s
     """
     if rank is None or world_size is None:
         rank, world_size = dist.world()
+    if cfg.adapter:
+        check_adapter(cfg.adapter)
+    check_source(cfg.model)
+    with output_lock(eval_files(cfg.out)["lock"], f"{cfg.out}: evaluation", rank):
+        return _evaluate(cfg, model, tokenizer, label, rank, world_size)
+
+
+def _evaluate(cfg: EvalConfig, model: Any, tokenizer: Any, label: str | None, rank: int, world_size: int) -> dict:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     files = eval_files(out)
@@ -301,6 +330,7 @@ def evaluate(cfg: EvalConfig, model: Any = None, tokenizer: Any = None, label: s
         if model is None:
             model = _load(cfg, rank, world_size)
         stop_ids = end_of_turn_ids(tok)
+        window = context_window(model)
         t0, n_tok = time.perf_counter(), 0
         bar = tqdm(total=len(todo), desc=f"eval {out.name}", unit="sample", disable=rank != 0)
         with open(shard_file, "a", encoding="utf-8") as fh:
@@ -308,7 +338,7 @@ def evaluate(cfg: EvalConfig, model: Any = None, tokenizer: Any = None, label: s
                 shown = [_prompt(ex, j, cfg.seed) for ex, j in batch]
                 prompts = [render(tok, student_messages(text)) for text, _, _ in shown]
                 decoded = decode(model, prompts, generators=[generator_for(cfg.seed, ex.id, j) for ex, j in batch],
-                                 max_new_tokens=cfg.max_new_tokens, stop_ids=stop_ids, pad_id=tok.pad_token_id,
+                                 max_new_tokens=_capped(cfg.max_new_tokens, prompts, batch, window), stop_ids=stop_ids, pad_id=tok.pad_token_id,
                                  temperature=cfg.temperature, top_p=cfg.top_p)
                 records = [{"id": ex.id, "sample_index": j, "kind": kind, "gold": gold,
                             "text": _decode_text(tok, d.tokens), "n_tokens": len(d.tokens),

@@ -57,6 +57,7 @@ def synth_files(out: str | Path) -> dict[str, Path]:
         "stats": out.with_name("stats.json"),
         "histogram": out.with_name("student_fraction.png"),
         "config": out.with_name("config.yaml"),
+        "lock": out.with_name(out.name + ".lock"),
     }
 
 
@@ -69,13 +70,15 @@ def train_files(out: str | Path) -> dict[str, Path]:
         "info": out / "train_info.json",
         "checkpoint": out / "checkpoint",
         "config": out / "config.yaml",
+        "lock": out / ".lock",
     }
 
 
 def eval_files(out: str | Path) -> dict[str, Path]:
     """What `dail eval` writes into its `out` folder."""
     out = Path(out)
-    return {"samples": out / "samples.jsonl", "summary": out / "summary.json", "config": out / "config.yaml"}
+    return {"samples": out / "samples.jsonl", "summary": out / "summary.json", "config": out / "config.yaml",
+            "lock": out / ".lock"}
 
 
 def summaries(run: str | Path) -> list[Path]:

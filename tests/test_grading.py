@@ -7,7 +7,9 @@ import time
 
 import pytest
 
+from dail.answers import boxes, final_answers
 from dail.grading import _POOL, choice_problem, extract_answer, extract_choice, grade_many
+from dail.landmarks import extract_landmarks
 
 # (model text, gold, expected)
 MATH_CASES = [
@@ -80,6 +82,38 @@ def test_extraction_spans():
     assert ex.answer == "12" and text[ex.start:ex.end] == "12"
     assert extract_answer("\\boxed{a{b}c}").answer == "a{b}c"
     assert extract_answer("nothing here") is None
+
+
+def test_shared_parser_boxes():
+    """dail.answers.boxes: every box in order (nested ones too), balanced, escapes skipped."""
+    text = "\\boxed{a} \\fbox {b{c}} \\boxed{\\{x\\}} \\boxed{outer \\boxed{inner}} \\boxed{open"
+    found = boxes(text)
+    assert [b.answer for b in found] == ["a", "b{c}", "\\{x\\}", "outer \\boxed{inner}", "inner"]
+    assert all(text[b.start:b.end] == b.answer for b in found)
+    assert extract_answer(text).answer == "inner"  # grading takes the last closed box
+
+
+def test_shared_parser_final_lines():
+    text = "The answer is 12.\nWait. Final answer: **13**. Done\n#### 14 apples"
+    assert [f.answer for f in final_answers(text)] == ["12", "13", "14 apples"]
+    assert extract_answer(text).answer == "14 apples"
+    # An empty last line is kept, so grading reports no answer instead of falling back to 12.
+    assert final_answers("The answer is 12.\nThe answer is .")[-1].answer == ""
+    assert extract_answer("The answer is 12.\nThe answer is .") is None
+
+
+def test_grading_and_landmarks_read_the_same_answer():
+    for text in ["So \\boxed{\\frac{1}{2}} it is.", "The answer is 7. Let me write it neatly.",
+                 "#### 1,000", "Final answer: $\\frac{3}{2}$"]:
+        assert extract_answer(text).answer in extract_landmarks(text), text
+
+
+def test_many_unclosed_boxes_cost_linear_time():
+    """A model stuck in a loop can write thousands of `\\boxed{`; extraction must stay fast."""
+    text = "\\boxed{" * 30000 + "\\boxed{5}"
+    t = time.monotonic()
+    assert extract_answer(text).answer == "5"
+    assert time.monotonic() - t < 2.0
 
 
 def test_adversarial_answer_times_out_and_pool_recovers():

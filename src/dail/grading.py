@@ -1,6 +1,7 @@
 """Grading answers: math with `math-verify` under a hard timeout, multiple choice by letter.
 
-Math. The answer is extracted from the model's text by fixed rules, in order:
+Math. The answer is extracted from the model's text by fixed rules (the parser is
+`dail.answers`, shared with the landmarks), in order:
 1. the last `\\boxed{...}` (or `\\fbox{...}`), braces balanced;
 2. otherwise the last final-answer line: `#### 42`, `The answer is ...`, `Final answer: ...`;
 3. otherwise there is no answer and the sample is wrong.
@@ -42,12 +43,13 @@ import sys
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
 from multiprocessing.connection import wait as _wait_conns
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Extracted", "extract_answer", "normalize", "grade_many", "grade", "choice_problem",
+from dail.answers import Extracted, boxes, final_answers, trim_line_answer
+
+__all__ = ["Extracted", "extract_answer", "normalize", "grade_many", "choice_problem",
            "extract_choice", "LETTERS"]
 
 LETTERS = "ABCDEFGHIJ"
@@ -55,62 +57,15 @@ LETTERS = "ABCDEFGHIJ"
 
 # ----------------------------------------------------------------------------- extraction
 
-@dataclass
-class Extracted:
-    """The answer found in a text and where it sits: `text[start:end] == answer` (before stripping)."""
-    answer: str
-    start: int
-    end: int
-
-
-_BOX = re.compile(r"\\(?:boxed|fbox)\s*\{")
-# Final-answer lines; the answer runs to the end of the line.
-_FINAL = re.compile(r"(?:####|\bfinal answer(?:\s+is\b|\s*[:：])|\bthe answer is\b)\s*[:：]?[ \t]*(\S[^\n]*)",
-                    re.IGNORECASE)
-
-
-def _boxed(text: str) -> Extracted | None:
-    """The last \\boxed{...} with balanced braces (an unclosed one is skipped)."""
-    last = None
-    for m in _BOX.finditer(text):
-        depth, i = 1, m.end()
-        while i < len(text) and depth:
-            c = text[i]
-            if c == "\\" and i + 1 < len(text):  # skip escaped braces \{ \}
-                i += 2
-                continue
-            depth += (c == "{") - (c == "}")
-            i += 1
-        if depth == 0:
-            last = Extracted(text[m.end(): i - 1], m.end(), i - 1)
-    return last
-
-
-def _strip_line_answer(s: str) -> str:
-    s = re.split(r"\.\s", s.strip(), maxsplit=1)[0]  # the answer ends with its sentence: "7. Let me ..."
-    s = re.sub(r"^\*+|\*+$", "", s).strip()        # markdown bold
-    s = s.rstrip(".。").strip()
-    if len(s) >= 2 and s[0] == "$" and s[-1] == "$":  # $...$ or $$...$$
-        s = s.strip("$").strip()
-    return s
-
-
 def extract_answer(text: str) -> Extracted | None:
     """The graded answer in `text`: last \\boxed{}, else the last final-answer line, else None."""
-    box = _boxed(text)
-    if box is not None and box.answer.strip():
-        return box
-    last = None
-    for m in _FINAL.finditer(text):
-        last = m
-    if last is None:
+    found = boxes(text)
+    if found and found[-1].answer.strip():
+        return found[-1]
+    finals = final_answers(text)
+    if not finals or not finals[-1].answer:
         return None
-    raw = last.group(1)
-    answer = _strip_line_answer(raw)
-    if not answer:
-        return None
-    start = last.start(1) + raw.find(answer) if answer in raw else last.start(1)
-    return Extracted(answer, start, start + len(answer))
+    return finals[-1]
 
 
 _THOUSANDS = re.compile(r"^-?\d{1,3}(?:,\d{3})+(?:\.\d+)?$")
@@ -378,10 +333,6 @@ def grade_many(preds: list[str], golds: list[str], timeout: float, kind: str = "
     return out
 
 
-def grade(pred: str, gold: str, timeout: float = 5.0, kind: str = "math") -> bool:
-    return grade_many([pred], [gold], timeout, kind)[0]
-
-
 # ----------------------------------------------------------------------------- multiple choice
 
 def choice_problem(question: str, options: list[str], correct: int, seed: int | str) -> tuple[str, str]:
@@ -412,7 +363,7 @@ def extract_choice(text: str) -> str | None:
             pass
         if m is None:
             return None
-        ans = _strip_line_answer(m.group(1))
+        ans = trim_line_answer(m.group(1))
     else:
         ans = ex.answer.strip()
     m = _LETTER.match(ans.strip())

@@ -2,96 +2,453 @@
 
 The negative reference sees the problem plus these landmarks, so it predicts the tokens a
 model would write when it "knows where to land" but not how to get there (the paper's
-rationalization shortcuts). The paper extracts them for math with a fixed regex; the rules
-here are ours, written down exactly:
+rationalization shortcuts). The paper extracts them for math with "a fixed regex"; the rules
+here are ours, written down exactly.
 
-math (default), in order of appearance, duplicates dropped:
-- the content of every `\\boxed{...}` (braces balanced);
-- the right-hand side (last member) of every equation or `=` chain, including GSM8K's
-  calculator annotations `<<48/2=24>>` (the annotation's result counts as an equation);
-- a final-answer line: `#### 42` or `The answer is ...`.
+math (default). Three sources, merged in order of position (where each value starts in the
+solution), duplicates dropped:
+
+1. Boxes: the content of every `\\boxed{...}` / `\\fbox{...}` (braces balanced; the parser is
+   `dail.answers`, shared with grading). The content is taken whole: an `=` inside a box is
+   not an equation of its own, and a box inside another box is not taken separately.
+2. Equations: the right-hand side, i.e. the last member, of every `=` chain. `a = b = c`
+   gives `c` only; `x = 1, y = 2` gives `1` and `2`. `==`, `<=`, `>=`, `!=`, `:=`, `<`, `>`,
+   `≤`, `≥`, `≠`, `\\le`, `\\ge`, `\\neq`, `\\approx`, `\\equiv` are not equations, and they end
+   a chain. How far a member reaches depends on where its `=` sits:
+   - In math: inline `$...$` and `\\(...\\)`, display `$$...$$` and `\\[...\\]`, and the
+     environments equation, align, alignat, flalign, gather, multline, eqnarray (starred or
+     not; aligned, gathered and split inside math are read the same way). Only an `=` outside
+     every bracket counts, so `\\sum_{i=1}` and `P(X=3)` hold no equation. A member runs to the
+     first of, outside brackets: `=`, `<`, `>`, `≤`, `≥`, `≠`, `≈`, `,`, `;`, `&`, `\\\\`;
+     a relation, arrow or structure command (`\\le`, `\\approx`, `\\in`, `\\implies`, `\\to`,
+     `\\quad`, `\\pmod`, `\\begin`, `\\end`, `\\tag`, ...); `\\text{...}` and its kin (so a unit
+     or a word like `\\text{ or }` ends it); a closing bracket opened before the `=`; the end
+     of the math. Everything in between is one expression: `2 \\cdot 24`, `\\frac{3}{4}`,
+     `2^{10} \\times 3`, `1 \\pm \\sqrt{2}`. In align-like environments `&=` (and eqnarray's
+     `&=&`) is an `=`; a line that starts with `&=` continues the chain of the line before,
+     so the member that `\\\\` ended there is not the last.
+   - In prose (everything else: GSM8K, CHAMP's plain-text math). Any `=` counts, except one
+     inside a box or inside a sub- or superscript group (`sum_(i=1)^n`). A member is operands
+     joined by binary operators. An operand is a run of non-space characters other than
+     `, ; = < > ≤ ≥ ≠ ≈` and unbalanced closing brackets; a bracketed group `(...)`,
+     `[...]`, `{...}` closed on the same line belongs to the operand even with spaces or
+     commas inside (`C(10, 3)`); a comma between a digit and exactly three more digits is a
+     thousands separator (`17,500`). The operators, spaced or not, are `+ - * / ^ × ÷ ·`,
+     `\\cdot`, `\\times`, `\\div`, `\\pm`, `\\mp` and the word `mod`: `70 + 99 + 70` is one
+     member, `12 inches` gives `12`. An `=` followed by a math span takes the span's first
+     member (`5x = $20$` gives `20`).
+   - GSM8K calculator annotations `<<48/2=24>>` are equations of their own (prose rules); they
+     are blanked out before the rest is read, so `= <<6*2=12>>12 inches` also gives `12`.
+3. Final-answer lines (`#### 42`, `The answer is ...`, `Final answer: ...`; found and cut at
+   the end of their sentence by `dail.answers`): only the answer itself. If it starts with a
+   math span, the span's content; otherwise it also ends at a clause break, a `,` or `;`
+   followed by a space and a lowercase word other than `and`/`or` (`7, since ...` gives `7`).
+   An answer that is an equation (`x = 5`) adds nothing: the equation pass already gave `5`.
+
+Every value is then tidied: `$` (math delimiters, and GSM8K's currency sign; an escaped `\\$`
+stays) and `\\(` `\\)` `\\[` `\\]` are removed; whitespace runs become one space; a leading
+`\\displaystyle`, trailing `. , ; : ?`, trailing `\\,` `\\;` `\\!` `\\quad` and unbalanced closing
+brackets are dropped; a value that is one whole box is unwrapped (`\\boxed{-2}` gives `-2`); a
+trailing `\\text{...}` (or `\\mbox`, `\\textrm`) after a digit, a unit, is dropped; a value with no
+letter, digit or backslash is dropped. Duplicates are then dropped by a key that also ignores
+box commands, braces, spaces, `$` and `\\$`, `\\left`/`\\right`, thin spaces and thousands
+separators, and reads `\\%` as `%` and `\\dfrac`/`\\tfrac` as `\\frac`. So `48`, `48$`, `48}$` and
+`\\boxed{48}` are one landmark, and the form seen first is kept.
+
+Known limits: an inline `$` opens math only when the next unescaped `$` closes it (no space
+just inside either, no digit right after it, no blank line between); otherwise both are read
+as currency. Juxtaposed prose operands are not joined (`sum_(i=1)^n i^3` gives
+`sum_(i=1)^n`). `\\begin{cases}` and matrices are not split into members.
 
 code: function signatures only (`def f(x):`, `function f(a, b)`, `fn f(x: i32) -> i32`).
 
-regex:PATTERN: every match of a user pattern (group 1 if it has one).
+regex:PATTERN: every match of a user pattern (group 1 if it has one), multiline.
 
 An example may carry its own `landmarks` list, which overrides extraction (see `data.py`).
 """
 
 from __future__ import annotations
 
+import functools
 import re
 
-__all__ = ["extract_landmarks", "KINDS"]
+from dail.answers import BOX_OPEN, boxes, final_answers
 
-_CALC = re.compile(r"<<([^<>]*?)>>")
-# One operand: a run of non-space characters other than clause punctuation. Operands joined by
-# binary operators (with or without spaces) make one expression, so `70 + 99 + 70` is one member.
-_OPERAND = r"[^\s,;=<>]+"
-_EXPR = re.compile(rf"{_OPERAND}(?:\s*[-+*/^×÷·]\s*{_OPERAND})*")
-_FINAL = re.compile(r"^\s*####\s*(.+?)\s*$|the (?:final )?answer is[:\s]*\$?(.+?)\$?\s*(?:\.\s*)?$",
-                    re.IGNORECASE | re.MULTILINE)
+__all__ = ["extract_landmarks", "check_kind", "KINDS"]
+
+KINDS = ("math", "code", "regex:PATTERN")
+
 _SIGNATURE = re.compile(
     r"^\s*(?:async\s+)?def\s+\w+\s*\([^)]*\)\s*(?:->\s*[^:]+)?:"
     r"|^\s*(?:export\s+)?(?:async\s+)?function\s*\*?\s*\w+\s*\([^)]*\)"
     r"|^\s*(?:pub(?:\([^)]*\))?\s+)?fn\s+\w+\s*(?:<[^>]*>)?\s*\([^)]*\)(?:\s*->\s*[^{]+)?",
     re.MULTILINE)
 
+# ----------------------------------------------------------------------------- reading the text
 
-def _boxed(text: str) -> list[tuple[int, str]]:
-    """(position, content) of every \\boxed{...} with balanced braces."""
-    out = []
-    for m in re.finditer(r"\\boxed\s*\{", text):
-        depth, i = 1, m.end()
-        while i < len(text) and depth:
-            depth += {"{": 1, "}": -1}.get(text[i], 0)
-            i += 1
-        if depth == 0:
-            out.append((m.start(), text[m.end():i - 1].strip()))
-    return out
+_CALC = re.compile(r"<<([^<>]*?)>>")
+_MATH_ENV = re.compile(r"\\begin\{((?:equation|align|alignat|flalign|gather|multline|eqnarray)\*?)\}")
+_MASK = "\x01"  # stands for a math span in the prose view (never in real text)
+_OPEN, _CLOSE = "([{", ")]}"
 
 
-def _clean(value: str) -> str:
-    value = value.strip().strip("$").strip()
-    value = re.sub(r"[.,;:]+$", "", value)  # sentence punctuation after a result
-    # Drop unbalanced closing brackets picked up from the surrounding text, e.g. "(x = 3)".
-    for open_, close in ("()", "[]", "{}"):
-        while value.endswith(close) and value.count(close) > value.count(open_):
-            value = value[:-1].rstrip()
-    return value
+def _math_spans(text: str, skip: dict[int, int]) -> list[tuple[int, int, int, int]]:
+    """(start, end, content start, content end) of every math span, left to right.
 
-
-def _rhs_of_chains(text: str, offset: int = 0) -> list[tuple[int, str]]:
-    """Last member of every `=` chain. `a = b = c` gives only `c`; `x=1 and y=2` gives 1 and 2."""
-    out = []
-    for m in re.finditer(r"(?<![<>!=])=(?!=)", text):
-        rest = text[m.end():]
-        lead = len(rest) - len(rest.lstrip(" \t"))
-        e = _EXPR.match(rest, lead)
-        if not e:
+    `skip` maps a box's content start to its content end: a box met in prose is jumped over,
+    so a `$` inside it opens nothing.
+    """
+    spans = []
+    i, n = 0, len(text)
+    while i < n:
+        c = text[i]
+        if c == "\\":
+            m = BOX_OPEN.match(text, i)
+            if m and m.end() in skip:
+                i = skip[m.end()] + 1
+                continue
+            if text[i + 1:i + 2] in ("(", "["):
+                close = "\\)" if text[i + 1] == "(" else "\\]"
+                j = text.find(close, i + 2)
+                if j >= 0:
+                    spans.append((i, j + 2, i + 2, j))
+                    i = j + 2
+                    continue
+            m = _MATH_ENV.match(text, i)
+            if m:
+                tag = f"\\end{{{m.group(1)}}}"
+                j = text.find(tag, m.end())
+                if j >= 0:
+                    spans.append((i, j + len(tag), m.end(), j))
+                    i = j + len(tag)
+                    continue
+            i += 2  # a command or escape: `\$` is a dollar sign and `\\[` is a line break, not math
             continue
-        after = rest[e.end():].lstrip(" \t")
-        if after.startswith("=") and not after.startswith("=="):
+        if c == "$":
+            if text.startswith("$$", i):
+                j = text.find("$$", i + 2)
+                if j >= 0:
+                    spans.append((i, j + 2, i + 2, j))
+                    i = j + 2
+                else:
+                    i += 2
+                continue
+            j = _inline_close(text, i)
+            if j is not None:
+                spans.append((i, j + 1, i + 1, j))
+                i = j + 1
+                continue
+        i += 1
+    return spans
+
+
+def _inline_close(text: str, i: int) -> int | None:
+    """The `$` closing an inline span opened at `i`, or None when this `$` is a currency sign.
+
+    The candidate is the next unescaped `$`. It closes only if no space sits just inside
+    either `$`, no digit follows it and no blank line lies between: `$12.48 - $0.48` is money.
+    """
+    if i + 1 >= len(text) or text[i + 1].isspace():
+        return None
+    j = i + 1
+    while True:
+        j = text.find("$", j)
+        if j < 0:
+            return None
+        if text[j - 1] != "\\":
+            break
+        j += 1
+    if text[j - 1].isspace() or text[j + 1:j + 2].isdigit() or re.search(r"\n[ \t]*\n", text[i:j]):
+        return None
+    return j
+
+
+def _bracket_pairs(s: str) -> dict[int, int]:
+    """Index of each `(`, `[`, `{` -> index after its closing bracket, same kind, same line.
+
+    One stack per kind, emptied at each line end, so an unclosed bracket pairs with nothing
+    and the whole text costs one pass. Escaped characters (`\{`, `\}`) are not brackets.
+    """
+    pairs: dict[int, int] = {}
+    stacks: dict[str, list[int]] = {c: [] for c in _OPEN}
+    i = 0
+    while i < len(s):
+        c = s[i]
+        if c == "\\":
+            i += 2
+            continue
+        if c == "\n":
+            for st in stacks.values():
+                st.clear()
+        elif c in _OPEN:
+            stacks[c].append(i)
+        elif c in _CLOSE:
+            st = stacks[_OPEN[_CLOSE.index(c)]]
+            if st:
+                pairs[st.pop()] = i + 1
+        i += 1
+    return pairs
+
+
+def _skip(s: str, i: int, chars: str = " \t") -> int:
+    """First index at or after `i` whose character is not in `chars`."""
+    while i < len(s) and s[i] in chars:
+        i += 1
+    return i
+
+
+# ----------------------------------------------------------------------------- prose members
+
+_PROSE_STOP = set(",;=<>≤≥≠≈") | {_MASK}
+_PROSE_OP = re.compile(r"[-+*/^×÷·]|\\(?:cdot|times|div|pm|mp)(?![a-zA-Z])|mod\b")
+_PROSE_EQ = re.compile(r"(?<![<>!=:])=(?!=)")
+_THOUSANDS = re.compile(r",\d{3}(?!\d)")
+
+
+def _operand_end(s: str, i: int, pairs: dict[int, int]) -> int:
+    """End of the operand starting at `i` (== i when there is none)."""
+    j = i
+    while j < len(s):
+        c = s[j]
+        if c in _OPEN:
+            j = pairs.get(j, j + 1)  # a whole group, spaces and commas included; unclosed: just a character
+            continue
+        if c in _CLOSE or c.isspace() or c in _PROSE_STOP:
+            if c == "," and j > i and s[j - 1].isdigit() and _THOUSANDS.match(s, j):
+                j += 1  # thousands separator: 17,500
+                continue
+            break
+        j += 2 if c == "\\" and j + 1 < len(s) else 1
+    return j
+
+
+def _prose_member_end(s: str, i: int, pairs: dict[int, int]) -> int:
+    """End of the member starting at `i`: operands joined by binary operators."""
+    end = i
+    while True:
+        j = _operand_end(s, i, pairs)
+        if j == i:
+            return end
+        end = j
+        m = _PROSE_OP.match(s, _skip(s, j))
+        if not m:
+            return end
+        i = _skip(s, m.end())
+
+
+def _prose_equations(prose: str, text: str, spans: dict[int, tuple[int, int]],
+                     in_box: list[tuple[int, int]], offset: int = 0) -> list[tuple[int, str]]:
+    """Right-hand sides of the `=` chains in `prose` (math spans masked, annotations blanked)."""
+    out = []
+    pairs = _bracket_pairs(prose)
+    # Where an `=` is not an equation: inside a box (its content is taken whole), and inside a
+    # sub- or superscript group, where it is an index: sum_(i=1)^n. Marked with a difference
+    # array, so nested groups still cost one pass.
+    covered = [0] * (len(prose) + 1)
+    groups = [(m.start(), pairs[m.start() + 1]) for m in re.finditer(r"[_^][({]", prose) if m.start() + 1 in pairs]
+    for a, b in [*in_box, *groups]:
+        covered[a] += 1
+        covered[b] -= 1
+    depth, skip = 0, []
+    for c in covered:
+        depth += c
+        skip.append(depth > 0)
+    for m in _PROSE_EQ.finditer(prose):
+        pos = m.start()
+        if skip[pos]:
+            continue
+        k = _skip(prose, m.end())
+        if prose.startswith(_MASK, k) and k in spans:  # `x = $\frac{3}{4}$`: the span's first member
+            cs, ce = spans[k]
+            i, j, last = _math_member(text, cs, ce)
+            if last:
+                out.append((offset + i, text[i:j]))
+            continue
+        j = _prose_member_end(prose, k, pairs)
+        after = _skip(prose, j)
+        if prose.startswith("=", after) and not prose.startswith("==", after):
             continue  # not the last member of the chain
-        value = _clean(e.group(0))
-        if value:
-            out.append((offset + m.start(), value))
+        out.append((offset + k, prose[k:j]))
     return out
 
+
+# ----------------------------------------------------------------------------- math members
+
+# Commands that end a member: relations, arrows, text, spacing between clauses, structure.
+_MATH_STOP = {
+    "le", "leq", "ge", "geq", "lt", "gt", "ne", "neq", "leqslant", "geqslant", "ll", "gg",
+    "approx", "equiv", "sim", "simeq", "cong", "propto", "in", "notin", "subset", "subseteq",
+    "supset", "supseteq", "mid", "nmid", "implies", "impliedby", "iff", "Rightarrow", "Leftarrow",
+    "Leftrightarrow", "Longrightarrow", "Longleftarrow", "Longleftrightarrow", "rightarrow",
+    "longrightarrow", "to", "gets", "mapsto", "therefore", "because", "quad", "qquad", "text",
+    "textbf", "textit", "textrm", "mbox", "hbox", "intertext", "pmod", "begin", "end", "label",
+    "tag", "notag", "nonumber", "hline", "cr",
+}
+_CMD = re.compile(r"\\(?:[a-zA-Z]+|.)", re.DOTALL)
+# What may sit between a member and the `=` that continues its chain (align: `\\ &=`).
+_CONTINUE = re.compile(r"(?:\s|&|\\\\(?:\[[^\]]*\])?|\\(?:notag|nonumber)(?![a-zA-Z]))*")
+
+
+def _math_member(s: str, i: int, end: int) -> tuple[int, int, bool]:
+    """(start, end, is-last-of-its-chain) of the member after position `i` (eqnarray's `&=&` included)."""
+    while i < end and (s[i].isspace() or s[i] == "&"):
+        i += 1
+    depth, j = 0, i
+    while j < end:
+        c = s[j]
+        if c == "\\":
+            m = _CMD.match(s, j, end)
+            if m is None:  # a lone backslash at the end
+                break
+            name = m.group(0)[1:]
+            if depth == 0 and (name in _MATH_STOP or name == "\\"):
+                break
+            if name in ("{", "}"):  # \{ \} group like brackets: `\{1, 2\}` is one member
+                depth += 1 if name == "{" else -1
+                if depth < 0:
+                    break
+            j = m.end()
+            continue
+        if c in _OPEN:
+            depth += 1
+        elif c in _CLOSE:
+            depth -= 1
+            if depth < 0:  # the closing bracket of a group the `=` sits in: `(x = 3)`
+                break
+        elif depth == 0 and c in "=<>,;&≤≥≠≈":
+            break
+        j += 1
+    k = _CONTINUE.match(s, j, end).end()
+    last = not (k < end and s[k] == "=" and s[k + 1:k + 2] != "=")
+    return i, j, last
+
+
+def _math_equals(s: str, start: int, end: int) -> list[int]:
+    """Positions of the `=` in s[start:end] that sit outside every bracket."""
+    out, depth, j = [], 0, start
+    while j < end:
+        c = s[j]
+        if c == "\\":
+            m = _CMD.match(s, j, end)
+            name = m.group(0) if m else c
+            depth += (name == "\\{") - (name == "\\}")
+            j += len(name)
+            continue
+        if c in _OPEN:
+            depth += 1
+        elif c in _CLOSE:
+            depth = max(0, depth - 1)
+        elif c == "=" and depth == 0 and s[j - 1:j] not in ("<", ">", "!", "=", ":") and s[j + 1:j + 2] != "=":
+            out.append(j)
+        j += 1
+    return out
+
+
+def _math_equations(text: str, start: int, end: int) -> list[tuple[int, str]]:
+    """(position, member) of every chain's last member in the math text[start:end]."""
+    out = []
+    for pos in _math_equals(text, start, end):
+        i, j, last = _math_member(text, pos + 1, end)
+        if last:
+            out.append((i, text[i:j]))
+    return out
+
+
+# ----------------------------------------------------------------------------- values
+
+_WRAPPED_BOX = re.compile(r"^\\(?:boxed|fbox)\s*\{(.*)\}$", re.DOTALL)
+_UNIT = re.compile(r"^(.*\d)\s*\\(?:text|mbox|textrm)\s*\{[^{}]*\}$", re.DOTALL)
+_CLAUSE = re.compile(r"[,;]\s+(?!and\b|or\b)[a-z]")
+_LEADING_MATH = re.compile(r"\$\$(.+?)\$\$|\$(.+?)\$|\\\((.+?)\\\)|\\\[(.+?)\\\]", re.DOTALL)
+
+
+def _tidy(value: str) -> str:
+    """The displayed form of a landmark: no math delimiters, no trailing punctuation or unit."""
+    v = re.sub(r"(?<!\\)\$|(?<!\\)\\[()\[\]]", "", value)
+    v = re.sub(r"\s+", " ", v).strip()
+    v = re.sub(r"^\\displaystyle\b\s*", "", v)
+    while True:
+        before = v
+        v = re.sub(r"(?:[.,;:?]|\\[,;!]|\\q?quad\b)+$", "", v).strip()  # sentence punctuation, spacing
+        for open_, close in zip(_OPEN, _CLOSE):  # an unbalanced closer from the text around: "(x = 3)"
+            while v.endswith(close) and v.count(close) > v.count(open_):
+                v = v[:-1].rstrip()
+        m = _WRAPPED_BOX.match(v)
+        if m and _balanced(m.group(1)):
+            v = m.group(1).strip()
+        m = _UNIT.match(v)
+        if m:
+            v = m.group(1).strip()
+        if v == before:
+            break
+    if not (any(ch.isalnum() for ch in v) or "\\" in v):
+        return ""
+    return v
+
+
+def _balanced(s: str) -> bool:
+    """Whether the braces of `s` pair up (so `\\boxed{a} + \\boxed{b}` is not one box to unwrap)."""
+    depth = 0
+    for name in re.findall(r"\\.|[{}]", s):
+        depth += (name == "{") - (name == "}")
+        if depth < 0:
+            return False
+    return depth == 0
+
+
+def _key(value: str) -> str:
+    """Dedup key: ignores boxes, delimiters, braces, spaces, sizing and thin spaces."""
+    k = re.sub(r"\\(?:boxed|fbox)(?![a-zA-Z])", "", value)
+    k = re.sub(r"\\(?:d|t)frac(?![a-zA-Z])", r"\\frac", k)
+    k = re.sub(r"\\(?:left|right|displaystyle)(?![a-zA-Z])|\\[,;!:]", "", k)
+    k = re.sub(r"\\?\$|\\[()\[\]]|[{}\s]", "", k)
+    k = re.sub(r"(?<=\d),(?=\d{3}(?!\d))", "", k)  # thousands separators: 17,500 is 17500
+    return re.sub(r"[.,;:?]+$", "", k.replace("\\%", "%"))
+
+
+def _final_value(answer: str) -> str:
+    """The answer of a final-answer line, as a landmark ("" when it adds nothing)."""
+    m = _LEADING_MATH.match(answer)
+    if m:
+        answer = next(g for g in m.groups() if g is not None)
+    else:
+        c = _CLAUSE.search(answer)
+        if c:
+            answer = answer[:c.start()]
+    value = _tidy(answer)
+    return "" if _math_equals(value, 0, len(value)) else value
+
+
+# ----------------------------------------------------------------------------- extractors
 
 def _math(solution: str) -> list[tuple[int, str]]:
-    found = _boxed(solution)
-    # Calculator annotations are equations of their own; take them out of the prose so the
-    # prose pass sees `... = 12 inches` rather than `... = <<6*2=12>>12 inches`.
+    """(position, raw value) of every box, equation right-hand side and final answer."""
+    found, in_box, outer_end = [], [], -1
+    for b in boxes(solution):  # in order of their start
+        if b.start < outer_end:
+            continue  # a box inside a box: the outer content already holds it
+        outer_end = b.end
+        in_box.append((b.start, b.end))
+        found.append((b.start, b.answer))
+    # Calculator annotations are equations of their own; blank them so the rest reads
+    # `... = 12 inches` rather than `... = <<6*2=12>>12 inches` (positions stay aligned).
     for m in _CALC.finditer(solution):
-        found += _rhs_of_chains(m.group(1), offset=m.start())
-    prose = _CALC.sub(lambda m: " " * len(m.group(0)), solution)  # keep positions aligned
-    prose_no_boxed = re.sub(r"\\boxed\s*\{", lambda m: " " * len(m.group(0)), prose)
-    found += _rhs_of_chains(prose_no_boxed)
-    for m in _FINAL.finditer(prose):
-        value = _clean(m.group(1) or m.group(2) or "")
-        if value:
-            found.append((m.start(), value))
+        inner_text = m.group(1)
+        found += _prose_equations(inner_text, inner_text, {}, [], offset=m.start(1))
+    text = _CALC.sub(lambda m: " " * len(m.group(0)), solution)
+    spans = _math_spans(text, dict(in_box))
+    # The prose view: the same text with every math span masked, so prose members stop at math
+    # and never see a delimiter, while positions still line up with `text`.
+    prose = list(text)
+    for start, end, _, _ in spans:
+        prose[start:end] = _MASK * (end - start)
+    prose = "".join(prose)
+    found += _prose_equations(prose, text, {start: (cs, ce) for start, _, cs, ce in spans}, in_box)
+    for _, _, cs, ce in spans:
+        found += _math_equations(text, cs, ce)
+    for f in final_answers(solution):
+        if f.answer:
+            found.append((f.start, _final_value(f.answer)))
     return found
 
 
@@ -99,30 +456,45 @@ def _code(solution: str) -> list[tuple[int, str]]:
     return [(m.start(), m.group(0).strip()) for m in _SIGNATURE.finditer(solution)]
 
 
-def _regex(solution: str, pattern: str) -> list[tuple[int, str]]:
-    try:
-        rx = re.compile(pattern, re.MULTILINE)
-    except re.error as e:
-        raise ValueError(f"landmark extractor 'regex:{pattern}': invalid pattern ({e})") from None
-    return [(m.start(), (m.group(1) if rx.groups else m.group(0)).strip()) for m in rx.finditer(solution)]
+@functools.lru_cache(maxsize=64)
+def _compile(pattern: str) -> re.Pattern:
+    return re.compile(pattern, re.MULTILINE)
 
 
-KINDS = ("math", "code", "regex:PATTERN")
+def check_kind(kind: str) -> None:
+    """Raise ValueError, saying what is expected, unless `kind` is math, code or regex:PATTERN."""
+    if not isinstance(kind, str):
+        raise ValueError(f"landmark extractor must be a string, one of {', '.join(KINDS)}; got {kind!r}")
+    if kind in ("math", "code"):
+        return
+    if kind.startswith("regex:"):
+        pattern = kind[len("regex:"):]
+        if not pattern:
+            raise ValueError("landmark extractor 'regex:' has an empty pattern; write regex:PATTERN, "
+                             r"e.g. regex:=\s*(\d+)")
+        try:
+            _compile(pattern)
+        except re.error as e:
+            raise ValueError(f"landmark extractor '{kind}': invalid regular expression ({e})") from None
+        return
+    raise ValueError(f"unknown landmark extractor '{kind}'; expected one of {', '.join(KINDS)}")
 
 
 def extract_landmarks(solution: str, kind: str = "math") -> list[str]:
     """Coarse results of `solution`, in order, without duplicates. `kind`: math|code|regex:PATTERN."""
+    check_kind(kind)
     if kind == "math":
-        found = _math(solution)
+        found = [(pos, _tidy(v)) for pos, v in _math(solution)]
     elif kind == "code":
         found = _code(solution)
-    elif kind.startswith("regex:"):
-        found = _regex(solution, kind[len("regex:"):])
     else:
-        raise ValueError(f"unknown landmark extractor {kind!r}; expected one of {', '.join(KINDS)}")
+        rx = _compile(kind[len("regex:"):])
+        found = [(m.start(), ((m.group(1) if rx.groups else m.group(0)) or "").strip())
+                 for m in rx.finditer(solution)]
     seen, out = set(), []
-    for _, value in sorted(found, key=lambda t: t[0]):
-        if value and value not in seen:
-            seen.add(value)
+    for _, value in sorted(found, key=lambda t: t[0]):  # stable: ties keep source order
+        key = _key(value) if kind == "math" else value
+        if value and key not in seen:
+            seen.add(key)
             out.append(value)
     return out

@@ -208,3 +208,61 @@ def test_generation_is_capped_at_the_model_window(tiny_dir, tmp_path, caplog):
     assert "exceeds the model's window of 1024" in caplog.text
     recs = read_records(eval_files(cfg.out)["samples"])
     assert recs and all(r["n_tokens"] + 40 <= 1024 for r in recs)
+
+
+# ----------------------------------------------------------------------------- the grader
+
+def test_grading_timeouts_are_reported():
+    from dail.evaluation import grade_records
+    from dail.grading import grade_many
+
+    late: list[int] = []
+    out = grade_many(["\\boxed{1}", "\\boxed{9^{9^{9^{9}}}}"], ["1", "5"], timeout=1.0, timed_out=late)
+    assert out == [True, False] and late == [1]
+
+    class Tok:
+        def decode(self, ids, skip_special_tokens=True):
+            return "x"
+
+    recs = [{"id": "a", "sample_index": 0, "kind": "math", "gold": "5", "text": "\\boxed{9^{9^{9^{9}}}}",
+             "n_tokens": 3, "token_ids": [1, 2, 3], "finish_reason": "stop", "answer_token_index": 0}]
+    grade_records(recs, [3], Tok(), timeout=1.0)
+    assert recs[0]["grade_timeouts"] == 1 and recs[0]["correct"] is False
+    summary = summarize(recs, ["a"], 1, [1], [3])
+    assert (summary["grade_timeouts"], summary["samples_with_grade_timeout"]) == (1, 1)
+
+
+_CALLER = textwrap.dedent("""
+    import os, sys
+    from dail.grading import _POOL, grade_many
+    grade_many(["\\\\boxed{1}"], ["2"], timeout=60.0)  # start the grading process and its workers
+    print(_POOL.proc.pid, flush=True)
+    grade_many(["\\\\boxed{9^{9^{9^{9}}}}"] * 2, ["5"] * 2, timeout=120.0)  # a long batch
+""")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as fh:  # a zombie is dead, only not yet reaped
+        return fh.read().split(")")[-1].split()[0] != "Z"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_grader_processes_die_with_their_caller():
+    import signal
+    import time
+
+    caller = subprocess.Popen([sys.executable, "-c", _CALLER], stdout=subprocess.PIPE, text=True)
+    server = int(caller.stdout.readline())
+    time.sleep(1.0)  # the long batch is running in the workers
+    workers = [int(p) for p in open(f"/proc/{server}/task/{server}/children").read().split()]
+    assert workers
+    caller.send_signal(signal.SIGKILL)
+    caller.wait()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and any(_alive(p) for p in [server, *workers]):
+        time.sleep(0.1)
+    assert not any(_alive(p) for p in [server, *workers])  # before: they ran until the batch ended

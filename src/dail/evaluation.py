@@ -170,7 +170,12 @@ def grade_records(records: list[dict], budgets: list[int], tok: Any, timeout: fl
     for kind, items in jobs.items():
         if not items:
             continue
-        grades = grade_many([t for _, _, t in items], [r["gold"] for r, _, _ in items], timeout, kind=kind)
+        late: list[int] = []
+        grades = grade_many([t for _, _, t in items], [r["gold"] for r, _, _ in items], timeout, kind=kind,
+                            timed_out=late)
+        for i in late:  # graded wrong because math-verify ran past the timeout: counted in the summary
+            r = items[i][0]
+            r["grade_timeouts"] = r.get("grade_timeouts", 0) + 1
         for (r, b, _), ok in zip(items, grades):
             if b is None:
                 r["correct"] = bool(ok)
@@ -233,6 +238,9 @@ def summarize(records: list[dict], problem_ids: list[str], n: int, ks: list[int]
         "correct_samples": out_budgets[top]["correct_samples"],
         "finish_reasons": dict(Counter(r["finish_reason"] for r in samples)),
         "answer_found_fraction": len(found) / len(samples),
+        # Grades that ran past grade_timeout count as wrong; many of them make the figures a lower bound.
+        "grade_timeouts": int(sum(r.get("grade_timeouts", 0) for r in samples)),
+        "samples_with_grade_timeout": int(sum(bool(r.get("grade_timeouts")) for r in samples)),
         "mean_answer_token_index": float(np.mean(found)) if found else None,
         "per_problem_correct": {pid: sum(bool(r["correct"]) for r in by_id[pid]) for pid in problem_ids},
         "bootstrap": {"resamples": BOOTSTRAP_RESAMPLES, "confidence": BOOTSTRAP_CONFIDENCE, "over": "problems",

@@ -34,15 +34,19 @@ and compares letters. No sympy is involved, so this runs in the calling process.
 from __future__ import annotations
 
 import atexit
+import ctypes
+import logging
 import multiprocessing
 import os
 import random
 import re
+import signal
 import subprocess
 import sys
 import threading
 import time
 from collections import deque
+from multiprocessing.connection import Connection
 from multiprocessing.connection import wait as _wait_conns
 from pathlib import Path
 from typing import Any
@@ -101,9 +105,20 @@ def _verify(pred: str, gold: str) -> bool:
     return False
 
 
-def _worker_main(conn: Any) -> None:
-    import logging
+def _die_with_parent(parent: int) -> None:
+    """Linux: have the kernel SIGKILL this process when its parent dies (a grading batch can run
+    for a minute, and a killed caller must not leave it burning CPU). Elsewhere the grading
+    process polls its parent instead (`_Pool.run`)."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os._exit(1)
 
+
+def _worker_main(conn: Any, parent: int) -> None:
+    _die_with_parent(parent)
     logging.getLogger("math_verify").setLevel(logging.ERROR)  # the "timeout is disabled" warning
     while True:
         try:
@@ -125,7 +140,7 @@ def _worker_main(conn: Any) -> None:
 class _Worker:
     def __init__(self, ctx: Any) -> None:
         parent, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_worker_main, args=(child,), daemon=True, name="dail-grader")
+        self.proc = ctx.Process(target=_worker_main, args=(child, os.getpid()), daemon=True, name="dail-grader")
         self.proc.start()
         child.close()
         self.conn = parent
@@ -158,6 +173,7 @@ class _Pool:
         self.ctx = ctx
         self.workers: list[_Worker] = []
         self.replaced = 0  # workers killed for running past the timeout or dying (for tests/logs)
+        self.parent = os.getppid()
 
     def _ensure(self, size: int) -> None:
         self.workers = [w for w in self.workers if w.proc.is_alive()]
@@ -169,8 +185,10 @@ class _Pool:
         self.replaced += 1
         self.workers[self.workers.index(w)] = _Worker(self.ctx)
 
-    def run(self, tasks: list[tuple[int, str, str]], timeout: float, size: int) -> dict[int, bool]:
+    def run(self, tasks: list[tuple[int, str, str]], timeout: float, size: int) -> tuple[dict[int, bool], list[int]]:
+        """(grade per task index, the indices that ran past `timeout`)."""
         results: dict[int, bool] = {}
+        timed_out: list[int] = []
         self._ensure(size)
         queue = deque(tasks)
         while queue or any(w.task is not None for w in self.workers):
@@ -187,7 +205,10 @@ class _Pool:
             busy = [w for w in self.workers if w.task is not None]
             if not busy:
                 continue
-            wait_s = max(0.0, min(w.deadline for w in busy) - time.monotonic())
+            if os.getppid() != self.parent:  # the caller died (no PR_SET_PDEATHSIG here): stop now
+                self.close()
+                os._exit(1)
+            wait_s = min(0.5, max(0.0, min(w.deadline for w in busy) - time.monotonic()))
             ready = set(_wait_conns([w.conn for w in busy], timeout=wait_s))
             now = time.monotonic()
             for w in busy:
@@ -201,8 +222,9 @@ class _Pool:
                         self._replace(w)
                 elif now >= w.deadline:  # ran past the timeout: wrong, and a fresh worker
                     results[w.task] = False
+                    timed_out.append(w.task)
                     self._replace(w)
-        return results
+        return results, timed_out
 
     def close(self) -> None:
         for w in self.workers:
@@ -210,11 +232,11 @@ class _Pool:
         self.workers = []
 
 
-def _serve(read_fd: int, write_fd: int) -> None:
+def _serve(read_fd: int, write_fd: int, parent: int) -> None:
     """Main loop of the grading process: run batches from the parent through a _Pool."""
-    from multiprocessing.connection import Connection
-
-    import math_verify  # noqa: F401 - imported once here, so forked workers start warm
+    _die_with_parent(parent)
+    import math_verify  # noqa: F401 - imported once here (not at the top: the caller never needs it), so
+    #                    forked workers start warm
 
     conn_in, conn_out = Connection(read_fd, writable=False), Connection(write_fd, readable=False)
     pool = _Pool(multiprocessing.get_context("fork"))  # this process is single-threaded: fork is safe
@@ -227,8 +249,8 @@ def _serve(read_fd: int, write_fd: int) -> None:
             if msg is None:
                 return
             tasks, timeout, size = msg
-            results = pool.run(tasks, timeout, size)
-            conn_out.send((results, pool.replaced))
+            results, timed_out = pool.run(tasks, timeout, size)
+            conn_out.send((results, timed_out, pool.replaced))
     finally:
         pool.close()
 
@@ -248,22 +270,20 @@ class _Manager:
         self.replaced = 0  # workers killed for running past the timeout or crashing (tests, logs)
 
     def _start(self) -> None:
-        from multiprocessing.connection import Connection
-
         to_child_r, to_child_w = os.pipe()
         from_child_r, from_child_w = os.pipe()
         env = dict(os.environ)
         src = str(Path(__file__).resolve().parents[1])  # so `dail` imports however the parent found it
         env["PYTHONPATH"] = os.pathsep.join([src] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-        code = "import sys; from dail.grading import _serve; _serve(int(sys.argv[1]), int(sys.argv[2]))"
-        self.proc = subprocess.Popen([sys.executable, "-c", code, str(to_child_r), str(from_child_w)],
+        code = "import sys; from dail.grading import _serve; _serve(*map(int, sys.argv[1:]))"
+        self.proc = subprocess.Popen([sys.executable, "-c", code, str(to_child_r), str(from_child_w), str(os.getpid())],
                                      pass_fds=(to_child_r, from_child_w), env=env, stdin=subprocess.DEVNULL)
         os.close(to_child_r)
         os.close(from_child_w)
         self.send_conn = Connection(to_child_w, readable=False)
         self.recv_conn = Connection(from_child_r, writable=False)
 
-    def run(self, tasks: list[tuple[int, str, str]], timeout: float, size: int) -> dict[int, bool]:
+    def run(self, tasks: list[tuple[int, str, str]], timeout: float, size: int) -> tuple[dict[int, bool], list[int]]:
         with self.lock:
             if self.proc is None or self.proc.poll() is not None:
                 self._start()
@@ -272,13 +292,13 @@ class _Manager:
                 while not self.recv_conn.poll(1.0):
                     if self.proc.poll() is not None:
                         raise EOFError
-                results, self.replaced = self.recv_conn.recv()
+                results, timed_out, self.replaced = self.recv_conn.recv()
             except (EOFError, OSError):
                 code = self.proc.poll()
                 self.proc = None
                 raise RuntimeError(f"the grading process exited unexpectedly (exit code {code}); see its "
                                    "error output above") from None
-            return results
+            return results, timed_out
 
     def close(self) -> None:
         if self.proc is None:
@@ -303,12 +323,13 @@ def _pool_size() -> int:
 # ----------------------------------------------------------------------------- public API
 
 def grade_many(preds: list[str], golds: list[str], timeout: float, kind: str = "math",
-               workers: int | None = None) -> list[bool]:
+               workers: int | None = None, timed_out: list[int] | None = None) -> list[bool]:
     """Grade model outputs against gold answers; one bool per pred.
 
     preds: the model's full texts (the answer is extracted here). golds: gold answers (math) or
     gold letters (kind="choice"). Each math comparison gets at most `timeout` seconds in a
-    worker process; past that it counts as wrong. Safe to call from any thread.
+    worker process; past that it counts as wrong, and its index is appended to `timed_out` if
+    given (a run where many answers timed out is not a clean result). Safe to call from any thread.
     """
     if len(preds) != len(golds):
         raise ValueError(f"grade_many: {len(preds)} preds but {len(golds)} golds")
@@ -328,8 +349,11 @@ def grade_many(preds: list[str], golds: list[str], timeout: float, kind: str = "
         else:
             tasks.append((i, ex.answer, gold))
     if tasks:
-        for i, ok in _POOL.run(tasks, timeout, workers or _pool_size()).items():
+        results, late = _POOL.run(tasks, timeout, workers or _pool_size())
+        for i, ok in results.items():
             out[i] = ok
+        if timed_out is not None:
+            timed_out.extend(late)
     return out
 
 

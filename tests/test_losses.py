@@ -8,8 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dail.losses import (chunked_contrastive_terms, chunked_nll, contrastive_kl, contrastive_terms,
-                         nll)
+from dail.losses import (OBJECTIVES, chunked_contrastive_terms, chunked_loss, chunked_nll, chunked_terms,
+                         contrastive_kl, contrastive_terms, forward_contrastive_terms, nll, nll_tokens,
+                         reverse_contrastive_tokens)
 
 
 def _logits(seed: int, B: int = 2, T: int = 5, V: int = 11, scale: float = 2.0) -> torch.Tensor:
@@ -48,7 +49,7 @@ def test_gamma_positive_matches_float64_by_hand():
     gamma = 0.3
     sums = contrastive_terms(s, t, n, m, gamma)
     ls, lt, ln = (x.double().log_softmax(-1) for x in (s, t, n))
-    per_token = (ls.exp() * ((1 - gamma) * ls - lt + gamma * ln)).sum(-1)  # DESIGN.md's second form
+    per_token = (ls.exp() * ((1 - gamma) * ls - lt + gamma * ln)).sum(-1)  # docs/design.md's second form
     torch.testing.assert_close(sums.loss.double(), per_token[m].sum(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(sums.kl_teacher.double(), _reverse_kl_64(s, t)[m].sum(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(sums.kl_negative.double(), _reverse_kl_64(s, n)[m].sum(), rtol=1e-5, atol=1e-5)
@@ -103,7 +104,7 @@ def test_small_case_by_hand():
 
 
 def test_gamma_below_one_equals_tilted_kl_minus_log_z():
-    # DESIGN.md: for γ < 1, l = (1−γ)·[KL(p_θ ‖ q*) − log Z], q* ∝ p_T^{1/(1−γ)} · p_NR^{−γ/(1−γ)}.
+    # docs/design.md: for γ < 1, l = (1−γ)·[KL(p_θ ‖ q*) − log Z], q* ∝ p_T^{1/(1−γ)} · p_NR^{−γ/(1−γ)}.
     s, t, n, m = _logits(12), _logits(13), _logits(14), _mask()
     for gamma in (0.0, 0.3, 0.8):
         loss, _ = contrastive_kl(s, t, n, m, gamma)
@@ -201,3 +202,138 @@ def test_chunked_equals_dense_value_and_grad(chunk, cap):
 def test_shape_mismatch_is_an_error():
     with pytest.raises(ValueError, match="disagree"):
         contrastive_kl(_logits(0), _logits(1), _logits(2), torch.ones(2, 4, dtype=torch.bool), 0.1)
+
+
+# ----------------------------------------------------------------------------- forward-KL direction
+
+def _forward_kl_64(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Σ_v p_t (log p_t − log p_s) per position, float64: KL(p_t ‖ p_s)."""
+    ls, lt = s.double().log_softmax(-1), t.double().log_softmax(-1)
+    return (lt.exp() * (lt - ls)).sum(-1)
+
+
+def _mid_cap(kl: torch.Tensor) -> float:
+    """A cap active on half the tokens, halfway between two of them (so no token sits on it)."""
+    v = kl.double().sort().values
+    return float(v[len(v) // 2 - 1] + v[len(v) // 2]) / 2
+
+
+def test_forward_direction_matches_kl_div():
+    s, t, n, m = _logits(30), _logits(31), _logits(32), _mask()
+    gamma = 0.3
+    sums = forward_contrastive_terms(s, t, n, m, gamma)
+    # F.kl_div(input, target, log_target=True) = Σ exp(target)·(target − input) = KL(target ‖ input):
+    # KL(p_T ‖ p_θ) takes input = log p_θ, target = log p_T (the reverse of test_gamma_zero_is_reverse_kl...).
+    kl_t = F.kl_div(s.log_softmax(-1), t.log_softmax(-1), reduction="none", log_target=True).sum(-1)[m]
+    kl_n = F.kl_div(s.log_softmax(-1), n.log_softmax(-1), reduction="none", log_target=True).sum(-1)[m]
+    torch.testing.assert_close(sums.kl_teacher, kl_t.sum())
+    torch.testing.assert_close(sums.kl_negative, kl_n.sum())
+    torch.testing.assert_close(sums.loss, (kl_t - gamma * kl_n).sum())
+    assert sums.count.item() == int(m.sum())
+    # It is not the reverse direction, so the test can tell them apart.
+    assert not torch.allclose(sums.loss, contrastive_terms(s, t, n, m, gamma).loss, atol=1e-3)
+
+
+@pytest.mark.parametrize("capped", [False, True])
+def test_forward_direction_value_and_grad_match_float64_by_hand(capped):
+    s, t, n, m = _logits(33), _logits(34), _logits(35, scale=4.0), _mask()
+    gamma = 0.4
+    kl_t, kl_n = _forward_kl_64(s, t), _forward_kl_64(s, n)
+    cap = _mid_cap(kl_n[m]) if capped else 0.0
+    if capped:
+        assert (kl_n[m] > cap).any() and (kl_n[m] < cap).any()
+    s = s.requires_grad_()
+    sums = forward_contrastive_terms(s, t, n, m, gamma, neg_cap=cap)
+    (grad,) = torch.autograd.grad(sums.loss, s)
+    neg = kl_n.clamp(max=cap) if cap else kl_n
+    torch.testing.assert_close(sums.loss.double(), (kl_t - gamma * neg)[m].sum(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sums.kl_negative.double(), kl_n[m].sum(), rtol=1e-5, atol=1e-5)  # uncapped
+    # ∂/∂z of −Σ p_T log p_θ is p_θ − p_T (Σ p_T = 1), so ∂l/∂z = (p_θ − p_T) − g (p_θ − p_NR),
+    # with g = γ, or 0 where the cap is active (the clamp is flat there); 0 at masked positions.
+    p_s, p_t, p_n = (x.detach().double().softmax(-1) for x in (s, t, n))
+    g = torch.where(kl_n <= cap, gamma, 0.0) if cap else torch.full_like(kl_n, gamma)
+    want = ((p_s - p_t) - g[..., None] * (p_s - p_n)) * m[..., None]
+    torch.testing.assert_close(grad.double(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_forward_small_case_by_hand():
+    # V = 2, one token, the same logits as test_small_case_by_hand: p_θ = (1/2, 1/2),
+    # p_T = (3/4, 1/4), p_NR = (1/4, 3/4).
+    # KL(p_T ‖ p_θ) = 3/4 log((3/4)/(1/2)) + 1/4 log((1/4)/(1/2)) = 3/4 log 3 − log 2 ≈ 0.130812.
+    # By symmetry KL(p_NR ‖ p_θ) is the same; with γ = 0.5, l = 0.5 · (3/4 log 3 − log 2) ≈ 0.065406.
+    s = torch.tensor([[[0.0, 0.0]]])
+    t = torch.tensor([[[math.log(3), 0.0]]])
+    n = torch.tensor([[[0.0, math.log(3)]]])
+    m = torch.ones(1, 1, dtype=torch.bool)
+    sums = forward_contrastive_terms(s, t, n, m, gamma=0.5)
+    kl = 0.75 * math.log(3) - math.log(2)
+    assert sums.kl_teacher.item() == pytest.approx(kl, abs=1e-6)
+    assert sums.kl_negative.item() == pytest.approx(kl, abs=1e-6)
+    assert sums.loss.item() == pytest.approx(0.5 * kl, abs=1e-6)
+
+
+# ----------------------------------------------------------------------------- the one chunked loop
+
+def _hidden_case(seed: int = 0, B: int = 2, T: int = 7, H: int = 8, V: int = 13):
+    g = torch.Generator().manual_seed(seed)
+    W, b = torch.randn(V, H, generator=g), torch.randn(V, generator=g)
+    hs = torch.randn(B, T, H, generator=g).requires_grad_()
+    ht, hn = torch.randn(B, T, H, generator=g), torch.randn(B, T, H, generator=g) * 2
+    m = torch.rand(B, T, generator=g) > 0.3
+    tgt = torch.randint(0, V, (B, T), generator=g)
+    return W, b, hs, ht, hn, m, tgt
+
+
+@pytest.mark.parametrize("capped", [False, True])
+@pytest.mark.parametrize("chunk", [1, 4, 100])
+def test_forward_direction_chunked_equals_dense_value_and_grad(chunk, capped):
+    """contrastive_forward has no hand-derived gradient: the generic chunked path (autograd per
+    chunk) must equal the dense loss in value and gradient."""
+    W, b, hs, ht, hn, m, tgt = _hidden_case(1)
+    kl_n = _forward_kl_64(F.linear(hs, W, b), F.linear(hn, W, b))[m]
+    cap = _mid_cap(kl_n) if capped else 0.0
+    if capped:
+        assert (kl_n > cap).any() and (kl_n < cap).any()
+    dense = forward_contrastive_terms(F.linear(hs, W, b), F.linear(ht, W, b), F.linear(hn, W, b), m, 0.6, cap)
+    (g_dense,) = torch.autograd.grad(dense.loss, hs)
+    assert OBJECTIVES["contrastive_forward"].kernel is None  # so this runs the generic path
+    chunked = chunked_loss("contrastive_forward", (hs, ht, hn), W, tgt, m, 0.6, cap, chunk_size=chunk, bias=b)
+    (g_chunked,) = torch.autograd.grad(chunked.loss, hs)
+    for a, c in zip(dense, chunked):
+        torch.testing.assert_close(a, c)
+    torch.testing.assert_close(g_dense, g_chunked)
+
+
+@pytest.mark.parametrize("chunk", [1, 5])
+def test_generic_chunked_path_equals_the_hand_derived_kernels(chunk):
+    """The autograd path over the dense formulas == the hand-fused contrastive and nll kernels."""
+    W, b, hs, ht, hn, m, tgt = _hidden_case(2)
+    kl_n = _reverse_kl_64(F.linear(hs, W, b), F.linear(hn, W, b))[m]
+    for cap in (0.0, _mid_cap(kl_n)):
+        fused = chunked_contrastive_terms(hs, ht, hn, W, m, 0.7, cap, chunk_size=chunk, bias=b)
+        generic = chunked_terms(reverse_contrastive_tokens, (hs, ht, hn), W, tgt, m, 0.7, cap, chunk, b)
+        for a, c in zip(fused, generic):
+            torch.testing.assert_close(a, c)
+        torch.testing.assert_close(torch.autograd.grad(fused.loss, hs)[0], torch.autograd.grad(generic.loss, hs)[0])
+    total, count = chunked_nll(hs, W, tgt, m, chunk_size=chunk, bias=b)
+    generic = chunked_terms(nll_tokens, (hs,), W, tgt, m, chunk_size=chunk, bias=b)
+    torch.testing.assert_close(total, generic.loss)
+    assert count == generic.count
+    torch.testing.assert_close(torch.autograd.grad(total, hs)[0], torch.autograd.grad(generic.loss, hs)[0])
+
+
+def test_every_loss_name_has_one_objective():
+    """The table decides which roles run; the config accepts exactly its names."""
+    from dail.config import ConfigError, TrainConfig
+
+    for name, obj in OBJECTIVES.items():
+        assert TrainConfig(loss=name, neg_cap=5.0).loss == name
+        assert obj.roles[0] == "student" and set(obj.roles) <= {"student", "teacher", "negative"}
+    assert OBJECTIVES["contrastive"].roles == OBJECTIVES["contrastive_forward"].roles == ("student", "teacher",
+                                                                                           "negative")
+    assert OBJECTIVES["nll"].roles == OBJECTIVES["sft"].roles == ("student",)
+    with pytest.raises(ConfigError, match="loss"):
+        TrainConfig(loss="reverse")
+    with pytest.raises(ValueError, match="needs the hidden states"):
+        W, b, hs, ht, hn, m, tgt = _hidden_case(3)
+        chunked_loss("contrastive", (hs,), W, tgt, m, 0.1, 0.0)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dail.config import ConfigError, ModelConfig, TrainConfig
+from dail.config import ConfigError, DataConfig, ModelConfig, TrainConfig
 from dail.prompts import end_of_turn_ids
 
 PROBLEMS = [
@@ -24,11 +24,14 @@ PROBLEMS = [
 ]
 
 
-def write_synthetic(path: Path, tok, n: int = 6) -> Path:
+def write_synthetic(path: Path, tok, n: int = 6, reverse: bool = False) -> Path:
+    """n records, one per problem; `reverse` writes each trajectory's tokens backwards (another
+    trajectory of the same length, as a regenerated set might have)."""
     eot = tok.convert_tokens_to_ids("<|im_end|>")
     with open(path, "w", encoding="utf-8") as fh:
         for i, (problem, solution, traj) in enumerate(PROBLEMS[:n]):
-            ids = tok(traj, add_special_tokens=False)["input_ids"] + [eot]
+            ids = tok(traj, add_special_tokens=False)["input_ids"]
+            ids = (ids[::-1] if reverse else ids) + [eot]
             rec = {"id": f"p{i}", "problem": problem, "solution": solution, "answer": solution.split()[-1],
                    "landmarks": None if i % 2 else ["7"], "trajectory": traj, "trajectory_ids": ids,
                    "teacher_mask": [0] * len(ids), "finish_reason": "stop", "sample_index": 0, "correct": None}
@@ -90,7 +93,8 @@ def test_contrastive_training_writes_loadable_adapter_and_role_switch_holds(tiny
 def test_live_teacher_hidden_equals_base_model_during_training(tiny, synth, tmp_path):
     """reference_hidden (adapter off, inside the training model) == plain base forwards."""
     from dail.models import attach_lora
-    from dail.training import build_sequences, collate, reference_hidden, role_hidden
+    from dail.reference import collate, reference_hidden, role_hidden
+    from dail.training import build_sequences
 
     model, tok = tiny
     cfg = _cfg("unused", synth, tmp_path)
@@ -121,7 +125,8 @@ def test_shared_reference_pass_is_exact_and_computes_each_context_once(tiny, syn
     prefix and context rest once."""
     import dataclasses
 
-    from dail.training import build_sequences, collate, reference_hidden
+    from dail.reference import collate, reference_hidden
+    from dail.training import build_sequences
 
     model, tok = tiny
     seqs = build_sequences(_cfg("unused", synth, tmp_path), tok)
@@ -162,7 +167,8 @@ def test_shared_reference_pass_is_exact_and_computes_each_context_once(tiny, syn
 
 
 def test_epoch_order_keeps_a_problems_samples_together():
-    from dail.training import Sequence, epoch_order
+    from dail.reference import Sequence
+    from dail.training import epoch_order
 
     seqs = [Sequence(f"p{p}#{k}", [1], {}, f"p{p}") for p in range(6) for k in range(3)]
     seqs = seqs[::2] + seqs[1::2]  # a problem's samples need not be adjacent in the file
@@ -177,7 +183,8 @@ def test_epoch_order_keeps_a_problems_samples_together():
 
 def test_alignment_position_t_predicts_target_t(tiny, synth, tmp_path):
     """The gathered hidden state at target position t equals the model's own output before token t."""
-    from dail.training import build_sequences, collate, role_hidden, lm_head_params
+    from dail.reference import collate, lm_head_params, role_hidden
+    from dail.training import build_sequences
 
     model, tok = tiny
     seqs = build_sequences(_cfg("unused", synth, tmp_path), tok)
@@ -197,7 +204,8 @@ def test_alignment_position_t_predicts_target_t(tiny, synth, tmp_path):
 
 def test_one_batch_of_4_equals_4_microbatches_of_1(tiny, synth, tmp_path):
     from dail.models import attach_lora
-    from dail.training import batch_loss, build_sequences, collate
+    from dail.reference import collate
+    from dail.training import batch_loss, build_sequences
 
     model, tok = tiny
     torch.manual_seed(0)
@@ -246,7 +254,8 @@ def test_nll_and_sft_run(tiny_dir, synth, tmp_path):
     expert = tmp_path / "expert.jsonl"
     expert.write_text("".join(json.dumps({"id": f"e{i}", "problem": p, "solution": s}) + "\n"
                               for i, (p, s, _) in enumerate(PROBLEMS)))
-    adapter = train(_cfg(tiny_dir, expert, tmp_path / "sft", loss="sft", max_steps=2))
+    adapter = train(_cfg(tiny_dir, synth, tmp_path / "sft", loss="sft", expert=DataConfig(source=str(expert)),
+                         max_steps=2))
     assert (adapter / "adapter_model.safetensors").exists()
 
 
@@ -369,3 +378,117 @@ def test_gradient_checkpointing_gives_the_same_adapter(tiny_dir, synth, tmp_path
     assert any((a[k] != 0).any() for k in a if "lora_B" in k)  # it trained
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+
+
+def _metrics(out: Path) -> list[dict]:
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_ref_cache_is_rebuilt_when_the_data_changes_in_place(tiny_dir, tiny_tok, tmp_path):
+    """Regenerating the synthetic set at the same path must not reuse the old references."""
+    from dail.training import train
+
+    data = write_synthetic(tmp_path / "synthetic.jsonl", tiny_tok)
+    train(_cfg(tiny_dir, data, tmp_path / "cached", max_steps=1, ref_cache=True))
+    write_synthetic(data, tiny_tok, reverse=True)  # the same ids and problems, other trajectories
+    train(_cfg(tiny_dir, data, tmp_path / "cached", max_steps=1, ref_cache=True))
+    train(_cfg(tiny_dir, data, tmp_path / "live", max_steps=1))
+    cached, live = _metrics(tmp_path / "cached")[0], _metrics(tmp_path / "live")[0]
+    for key in ("loss", "kl_teacher", "kl_negative"):
+        assert cached[key] == pytest.approx(live[key], rel=1e-4), key
+
+
+def test_ref_cache_key_follows_content_and_settings():
+    from dail.reference import Sequence, ref_cache_key
+
+    seqs = [Sequence("p0#0", [5, 6, 2], {"student": [1], "teacher": [1, 3], "negative": [1, 4]}, "p0")]
+    roles, settings = ("teacher", "negative"), {"model": "m", "dtype": "torch.float32"}
+    key = ref_cache_key(seqs, roles, settings)
+    assert key == ref_cache_key([Sequence("p0#0", [5, 6, 2], dict(seqs[0].contexts), "p0")], roles, settings)
+    changed = [
+        [Sequence("p0#0", [5, 7, 2], seqs[0].contexts, "p0")],                                   # trajectory
+        [Sequence("p0#0", [5, 6, 2], {**seqs[0].contexts, "negative": [1, 9]}, "p0")],         # a context
+        [Sequence("p0#1", [5, 6, 2], seqs[0].contexts, "p0")],                                   # the id
+    ]
+    for other in changed:
+        assert ref_cache_key(other, roles, settings) != key
+    assert ref_cache_key(seqs, roles, {**settings, "dtype": "torch.bfloat16"}) != key
+    assert ref_cache_key(seqs, ("teacher",), settings) != key
+    # The student's context does not shape the references.
+    assert ref_cache_key([Sequence("p0#0", [5, 6, 2], {**seqs[0].contexts, "student": [8]}, "p0")], roles,
+                         settings) == key
+
+
+def test_records_sharing_an_id_without_sample_index_are_trained_and_cached_apart(tiny_dir, tiny_tok, tmp_path):
+    """Two samples of a problem with no sample_index: two examples, two cache entries."""
+    from dail.training import build_sequences, train
+
+    eot = tiny_tok.convert_tokens_to_ids("<|im_end|>")
+    data = tmp_path / "synthetic.jsonl"
+    with open(data, "w", encoding="utf-8") as fh:
+        for i, (_, _, traj) in enumerate(PROBLEMS[:4]):
+            problem, solution, _ = PROBLEMS[i // 2]
+            ids = tiny_tok(traj, add_special_tokens=False)["input_ids"] + [eot]
+            fh.write(json.dumps({"id": f"p{i // 2}", "problem": problem, "solution": solution,
+                                 "trajectory_ids": ids}) + "\n")
+    seqs = build_sequences(_cfg(tiny_dir, data, tmp_path), tiny_tok)
+    assert len({s.id for s in seqs}) == 4 and [s.problem for s in seqs] == ["p0", "p0", "p1", "p1"]
+    kw = dict(max_steps=2, batch_size=2, micro_batch_size=1)
+    live = train(_cfg(tiny_dir, data, tmp_path / "live", **kw))
+    cached = train(_cfg(tiny_dir, data, tmp_path / "cached", ref_cache=True, **kw))
+    assert [r["loss"] for r in _metrics(tmp_path / "cached")] == pytest.approx(
+        [r["loss"] for r in _metrics(tmp_path / "live")], rel=1e-4)
+    a, b = _adapter_weights(live), _adapter_weights(cached)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
+def test_landmarks_come_from_the_record_or_its_kind(tiny_dir, tiny_tok, tmp_path, caplog):
+    import logging
+
+    from dail.data import DataError
+    from dail.landmarks import extract_landmarks
+    from dail.prompts import negative_messages, render
+    from dail.training import build_sequences
+
+    kinds = [None, "regex:(\\d+)", "math"]  # None: no landmarks_kind field (math is the default)
+    data = tmp_path / "synthetic.jsonl"
+    with open(data, "w", encoding="utf-8") as fh:
+        for i, (problem, solution, traj) in enumerate(PROBLEMS[:4]):
+            rec = {"id": f"p{i}", "problem": problem, "solution": solution, "sample_index": 0,
+                   "trajectory_ids": tiny_tok(traj, add_special_tokens=False)["input_ids"]}
+            if i == 0:
+                rec.update(landmarks=["the record's own"], landmarks_kind="code")
+            elif kinds[i - 1] is not None:
+                rec["landmarks_kind"] = kinds[i - 1]
+            fh.write(json.dumps(rec) + "\n")
+    with caplog.at_level(logging.INFO, logger="dail.training"):
+        seqs = build_sequences(_cfg(tiny_dir, data, tmp_path), tiny_tok)
+    want = [["the record's own"]] + [extract_landmarks(PROBLEMS[i][1], kinds[i - 1] or "math") for i in (1, 2, 3)]
+    assert want[2] != extract_landmarks(PROBLEMS[2][1], "math")  # the record's kind is the one used
+    for s, marks, (problem, _, _) in zip(seqs, want, PROBLEMS):
+        assert s.contexts["negative"] == render(tiny_tok, negative_messages(problem, marks))
+    lines = [r.getMessage() for r in caplog.records if "landmarks" in r.getMessage()]
+    assert len(lines) == 1
+    assert "1 of 4 examples use their record's list; 3 are extracted (2 with 'math', 1 with 'regex:(\\d+)')" \
+        in lines[0]
+    # nll needs no negative context, so no landmarks either.
+    assert "negative" not in build_sequences(_cfg(tiny_dir, data, tmp_path, loss="nll"), tiny_tok)[0].contexts
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(data.read_text().replace('"landmarks_kind": "math"', '"landmarks_kind": "chem"'))
+    with pytest.raises(DataError, match=r"bad.jsonl: record 4: field 'landmarks_kind'"):
+        build_sequences(_cfg(tiny_dir, bad, tmp_path), tiny_tok)
+
+
+def test_contrastive_forward_trains(tiny_dir, synth, tmp_path):
+    from dail.training import train
+
+    out = tmp_path / "fwd"
+    train(_cfg(tiny_dir, synth, out, loss="contrastive_forward", neg_cap=5.0, max_steps=2))
+    rows = _metrics(out)
+    assert [r["step"] for r in rows] == [1, 2]
+    for r in rows:
+        assert r["kl_teacher"] > 0 and r["kl_negative"] > 0
+        assert r["loss"] == pytest.approx(r["kl_teacher"] - 0.2 * r["kl_negative"], rel=1e-4, abs=1e-5)
+    train(_cfg(tiny_dir, synth, tmp_path / "rev", max_steps=1))  # the same first step, reverse direction
+    assert rows[0]["kl_teacher"] != pytest.approx(_metrics(tmp_path / "rev")[0]["kl_teacher"], rel=1e-3)

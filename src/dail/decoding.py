@@ -2,7 +2,7 @@
 
 One small function, `decode`, serves every sampler in dail:
 - evaluation and direct-mode synthesis: plain sampling from one set of prompts;
-- mixed-policy decoding (DESIGN.md "Stage 1"): the student proposes `t ~ p_S`, the teacher
+- mixed-policy decoding (docs/design.md "Stage 1"): the student proposes `t ~ p_S`, the teacher
   accepts it if `p_T(t) >= tau` (temperature 1, full vocabulary), else the teacher's own
   sample replaces it.
 
@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from dail.padding import cache_kv, plain_cache, stack_caches
 
 
 @dataclass
@@ -90,27 +92,17 @@ def _prefill_rows(model: Any, prompts: list[list[int]], pad_id: int) -> tuple[to
     return out.logits[:, -1], cache, mask, pos[:, -1] + 1
 
 
-def _stack_left_padded(parts: list[tuple[torch.Tensor, Any, torch.Tensor, torch.Tensor]]) -> tuple:
+def _stack_left_padded(parts: list[tuple[torch.Tensor, Any, torch.Tensor, torch.Tensor]]) -> tuple | None:
     """Stack prefilled groups of rows into one batch, left-padding shorter caches with masked zeros.
 
     Returns None when the cache has layers other than plain DynamicLayer (sliding-window or
     linear-attention layers cannot be padded this way); the caller then prefills jointly.
     """
-    import torch.nn.functional as F
-    from transformers.cache_utils import DynamicLayer
-
     caches = [p[1] for p in parts]
-    if any(type(layer) is not DynamicLayer for c in caches for layer in c.layers):
+    if not all(plain_cache(c) for c in caches):
         return None
-    width = max(p[2].shape[1] for p in parts)
-    first = caches[0]
-    for i, layer in enumerate(first.layers):
-        for name in ("keys", "values"):
-            # (R, heads, L, head_dim): pad L on the left.
-            setattr(layer, name, torch.cat([F.pad(getattr(c.layers[i], name), (0, 0, width - p[2].shape[1], 0))
-                                            for c, p in zip(caches, parts)]))
-    mask = torch.cat([F.pad(p[2], (width - p[2].shape[1], 0)) for p in parts])
-    return torch.cat([p[0] for p in parts]), first, mask, torch.cat([p[3] for p in parts])
+    mask = stack_caches(caches[0], [(cache_kv(c), p[2]) for c, p in zip(caches, parts)], side="left")
+    return torch.cat([p[0] for p in parts]), caches[0], mask, torch.cat([p[3] for p in parts])
 
 
 def _prefill(model: Any, prompts: list[list[int]], pad_id: int,

@@ -1,0 +1,70 @@
+"""Ragged rows into rectangular batches: token-id rows and KV caches.
+
+Two places stack KV caches of different widths into one batch: the decoder's split prefill
+(student rows and teacher rows prefilled apart, then decoded together, left-padded) and the
+training reference pass (the teacher's and the negative reference's context caches, then
+every row's trajectory on top, right-padded). Both go through `stack_caches`: each part is
+padded to the widest with zero key/value columns that its attention mask marks as padding,
+so attention never reads them.
+
+Only plain `DynamicLayer` caches (full keys and values per position) can be padded so;
+sliding-window or linear-attention layers cannot, and callers then fall back to running
+the rows together (`plain_cache`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers.cache_utils import DynamicLayer
+
+__all__ = ["right_pad", "plain_cache", "cache_kv", "stack_caches"]
+
+KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys and values, each (R, heads, L, head_dim)
+
+
+def right_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows -> (ids (R, L), attention (R, L)), right-padded with `pad_id` to the longest row."""
+    L = max(len(r) for r in rows)
+    ids = torch.full((len(rows), L), pad_id, dtype=torch.long)
+    attn = torch.zeros(len(rows), L, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        attn[i, : len(r)] = 1
+    return ids, attn
+
+
+def plain_cache(cache: Any) -> bool:
+    """True when every layer of `cache` is a plain DynamicLayer, which `stack_caches` can pad."""
+    return all(type(layer) is DynamicLayer for layer in cache.layers)
+
+
+def cache_kv(cache: Any) -> KV:
+    """The cache's current per-layer (keys, values): a snapshot that later crops or writes leave alone."""
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def _pad_to(x: torch.Tensor, width: int, dim: int, side: str) -> torch.Tensor:
+    """Pad dimension `dim` (counted from the end: -1 or -2) of `x` with zeros up to `width`."""
+    gap = width - x.shape[dim]
+    before, after = (gap, 0) if side == "left" else (0, gap)
+    return F.pad(x, (before, after) if dim == -1 else (0, 0, before, after))
+
+
+def stack_caches(cache: Any, parts: list[tuple[KV, torch.Tensor]], side: str) -> torch.Tensor:
+    """Put the rows of every part, one after another, into `cache`; return their attention mask.
+
+    `parts` are (per-layer keys and values (R_i, heads, L_i, head_dim), attention mask
+    (R_i, L_i)). Each part is padded on `side` ("left" or "right") to the widest L with zero
+    columns, masked out. `cache` (a plain cache with as many layers) gets the stacked keys and
+    values (ΣR_i, heads, W, head_dim); the returned mask is (ΣR_i, W).
+    """
+    if side not in ("left", "right"):
+        raise ValueError(f"side must be 'left' or 'right', got {side!r}")
+    W = max(mask.shape[1] for _, mask in parts)
+    for i, layer in enumerate(cache.layers):
+        layer.keys = torch.cat([_pad_to(kv[i][0], W, -2, side) for kv, _ in parts])
+        layer.values = torch.cat([_pad_to(kv[i][1], W, -2, side) for kv, _ in parts])
+    return torch.cat([_pad_to(mask, W, -1, side) for _, mask in parts])

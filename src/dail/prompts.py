@@ -12,11 +12,22 @@ assistant's turn begins (docs/design.md "The three roles"):
 All four end in the identical assistant header, so a trajectory `r` is the same token ids
 after any of them: `r` is appended as ids and never re-tokenized.
 
+One more context serves a single method, STaR synthesis (`dail synth --mode star`):
+
+- rationalization: problem x + the correct final answer as a hint (Zelikman et al., 2022,
+             "rationalization"). Its samples are stored, and trained on, under the plain
+             student context: the hint is never part of a training context.
+
 GSM8K calculator annotations (`<<6*2=12>>`) are removed from the solution the teacher sees:
 they are a dataset artefact, and a teacher that copies them would pull trajectories away
 from how the model writes. (The landmark extractor still reads them from the raw solution.)
 
-`PROMPT_VERSION` is saved with every output; change it whenever a wording changes.
+Versions. `PROMPT_VERSION` covers the four contexts above, which every stage renders (training
+rebuilds them from each record), and is saved with every output; change it whenever one of
+their wordings changes. A prompt that only one method uses has a version of its own, a
+constant named after it (`RATIONALIZATION_PROMPT_VERSION`), saved in a field of the same
+lowercase name in that method's records and stats. So adding such a prompt, or rewording it,
+does not touch `PROMPT_VERSION`, and outputs that never used it stay comparable.
 """
 
 from __future__ import annotations
@@ -58,6 +69,23 @@ def direct_messages(problem: str, solution: str) -> list[dict]:
         f"Here is a correct solution:\n{clean_solution(solution)}\n\n"
         "Now write your own complete, self-contained solution. Explain every step in your own "
         "words, as if you were solving it for the first time, and do not mention the solution above.")}]
+
+
+RATIONALIZATION_PROMPT_VERSION = "dail-rationalization-v1"
+
+
+def rationalization_messages(problem: str, answer: str) -> list[dict]:
+    """STaR's rationalization context: the problem with its correct final answer as a hint.
+
+    The paper shows the answer as a hint inside its few-shot prompt; dail has no few-shot
+    prompt, so the answer is stated after the problem instead. The model is asked not to
+    mention it because the rationale is trained on after the plain problem, where a reference
+    to "the hint" makes no sense.
+    """
+    return [{"role": "user", "content": (
+        f"{INSTRUCTION}\n\nProblem: {problem.strip()}\n\n"
+        f"Hint: the correct final answer is {answer.strip()}. Work it out step by step as if you were "
+        "solving the problem on your own, arrive at that answer, and do not mention this hint.")}]
 
 
 def render(tokenizer: Any, messages: list[dict]) -> list[int]:

@@ -4,7 +4,29 @@
 - mixed mode: the student (model on the problem) writes, the teacher (same weights on
   problem + expert solution) vetoes tokens it finds unlikely (`dail.decoding.decode`, one
   fused forward over 2B rows per token);
-- direct mode: the teacher alone writes, with a prompt asking for a self-contained solution.
+- direct mode: the teacher alone writes, with a prompt asking for a self-contained solution;
+- star mode: STaR with rationalization (Zelikman et al., 2022), below.
+
+STaR. Every problem first gets `samples_per_problem` attempts from the model alone on the
+plain problem (plain sampling, path `self`). A problem with no correct attempt then gets
+`rationalization_samples` attempts from the model given the problem and the correct answer as
+a hint (`prompts.rationalization_messages`, path `rationalized`), numbered from sample index
+`SynthConfig.STAR_RATIONALIZED_FROM` on. Only correct samples enter the synthetic set, all of
+them (as the paper keeps every correct rationale); the rest go to `.rejected.jsonl`. Records
+carry `star_path`, and rationalized ones `rationalization_prompt_version`. A record stores the
+plain problem, never the hint: training rebuilds the student context from `problem`, so a
+rationale is learned as problem -> rationale, as in the paper. Its `trajectory_ids` are the
+tokens as generated after the hinted context (the same ids follow the plain context, since
+every context ends in the same assistant header). `teacher_mask` is all 0 on the self path
+and all 1 on the rationalized path: the hinted model plays the teacher's part (a context with
+privileged information), as in direct mode, so the student-token fraction in stats.json is the
+share of tokens from self attempts. On both paths `p_student`, `p_teacher` and `q` are the
+writing model's own (sampling, temperature-1 and behaviour probability). Where we differ from
+the paper: its outer loop is not automated. One iteration is `dail synth --mode star` then
+`dail train --loss nll`; the next synthesizes with the trained model (`train.merge` writes it
+as a plain checkpoint) and trains the base model again on the new set, as the paper restarts
+from the original model each iteration. There is no few-shot prompt: the chat template and
+the instruction stand in for it.
 
 Output is a JSONL file, appended and flushed per record. A rerun skips every (id,
 sample_index) already written and repairs a torn last line, so `kill -9` followed by a rerun
@@ -27,6 +49,7 @@ import json
 import logging
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +58,7 @@ from tqdm.auto import tqdm
 
 from dail import dist
 from dail.config import SynthConfig, check_resumable, save
-from dail.data import Example, load_examples
+from dail.data import DataError, Example, load_examples
 from dail.records import append_record, merge_shards, read_records
 from dail.decoding import decode, generator_for, sample_seed
 from dail.grading import grade_many
@@ -43,8 +66,8 @@ from dail.landmarks import extract_landmarks
 from dail.layout import synth_files
 from dail.lock import output_lock
 from dail.models import context_window, load_model, load_tokenizer, model_label
-from dail.prompts import (PROMPT_VERSION, direct_messages, end_of_turn_ids, render, student_messages,
-                          teacher_messages)
+from dail.prompts import (PROMPT_VERSION, RATIONALIZATION_PROMPT_VERSION, direct_messages, end_of_turn_ids,
+                          rationalization_messages, render, student_messages, teacher_messages)
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +100,8 @@ def _synthesize(cfg: SynthConfig, model: Any, tokenizer: Any, examples: list[Exa
     if rank == 0:
         save(cfg, paths["config"])
     examples = examples if examples is not None else load_examples(cfg.data)  # bad data fails fast
+    if cfg.mode == "star":
+        _check_answers(examples, cfg.data.source)  # before any model loads
     own = sum(ex.landmarks is not None for ex in examples)
     if own:
         log.info("landmarks: %d of %d expert records carry their own list, which wins over the '%s' "
@@ -85,74 +110,61 @@ def _synthesize(cfg: SynthConfig, model: Any, tokenizer: Any, examples: list[Exa
     model = model if model is not None else load_model(cfg.model)
     label = model_label(cfg.model)
 
-    # Resume: everything already written, merged or in this rank's shard, is done.
+    # Resume: everything already written, merged or in this rank's shard, is done. STaR also needs
+    # to know which problems a self attempt already solved (kept records are the correct ones).
     my_paths = {name: dist.shard_path(paths[name], rank, world) for name in ("out", "rejected", "skipped")}
-    done = set()
+    done, solved = set(), set()
     for name in ("out", "rejected", "skipped"):
         for p in {paths[name], my_paths[name]}:
-            done |= {_key(r) for r in read_records(p)}
+            records = read_records(p)
+            done |= {_key(r) for r in records}
+            if name == "out":
+                solved |= {str(r["id"]) for r in records if r.get("star_path") == "self"}
 
-    mine = dist.shard(examples, rank, world)
-    stop_ids = end_of_turn_ids(tokenizer)
-    window = context_window(model)
-    work: list[tuple[Example, int, list[int], list[int] | None]] = []
+    mine = dist.shard(examples, rank, world)  # by problem: STaR's second path needs the first's grades
     handles = {name: open(p, "a", encoding="utf-8") for name, p in my_paths.items()}
+    run = _Runner(cfg, model, tokenizer, label, handles, end_of_turn_ids(tokenizer), context_window(model),
+                  show=rank == 0 or world == 1)
     try:
-        for ex in mine:
-            todo = [i for i in range(cfg.samples_per_problem) if (ex.id, i) not in done]
-            if not todo:
-                continue
-            if cfg.mode == "mixed":
-                writer_prompt = render(tokenizer, student_messages(ex.problem))
-                teacher_prompt = render(tokenizer, teacher_messages(ex.problem, ex.solution))
-            else:
-                writer_prompt, teacher_prompt = render(tokenizer, direct_messages(ex.problem, ex.solution)), None
-            longest = max(len(writer_prompt), len(teacher_prompt or []))
-            if longest + cfg.max_new_tokens > window:
-                for i in todo:
-                    append_record(handles["skipped"], {
-                        "id": ex.id, "sample_index": i, "reason":
-                        f"context of {longest} tokens + max_new_tokens {cfg.max_new_tokens} exceeds the "
-                        f"model window of {window}"})
-                continue
-            work += [(ex, i, writer_prompt, teacher_prompt) for i in todo]
-
-        bar = tqdm(total=len(work), desc=f"synth ({cfg.mode}, tau={cfg.tau})", unit="traj",
-                   disable=rank != 0 and world > 1)
-        t_decode, n_tokens = 0.0, 0
-        for start in range(0, len(work), cfg.batch_size):
-            batch = work[start:start + cfg.batch_size]
-            t0 = time.perf_counter()
-            decoded = decode(
-                model, [w[2] for w in batch],
-                teacher_prompts=[w[3] for w in batch] if cfg.mode == "mixed" else None,
-                tau=cfg.tau, writer="student" if cfg.mode == "mixed" else "teacher",
-                generators=[generator_for(cfg.seed, ex.id, i) for ex, i, _, _ in batch],
-                max_new_tokens=cfg.max_new_tokens, stop_ids=stop_ids, pad_id=tokenizer.pad_token_id,
-                temperature=cfg.temperature, top_p=cfg.top_p)
-            t_decode += time.perf_counter() - t0
-            texts = [tokenizer.decode(d.tokens, skip_special_tokens=True) for d in decoded]
-            grades = _grade(texts, [ex.answer for ex, *_ in batch], cfg.grade_timeout)
-            for (ex, i, _, _), d, text, correct in zip(batch, decoded, texts, grades):
-                n_tokens += len(d.tokens)
-                marks, marks_kind = _landmarks(ex, cfg.landmarks)
-                record = ex.to_dict() | {
-                    "landmarks": marks, "landmarks_kind": marks_kind,
-                    "trajectory": text, "trajectory_ids": d.tokens, "teacher_mask": d.teacher_mask,
-                    "p_student": d.p_student, "p_teacher": d.p_teacher, "q": d.q,
-                    "finish_reason": d.finish_reason, "mode": cfg.mode, "tau": cfg.tau,
-                    "temperature": cfg.temperature, "top_p": cfg.top_p,
-                    "seed": sample_seed(cfg.seed, ex.id, i), "sample_index": i, "model": label,
-                    "prompt_version": PROMPT_VERSION, "correct": correct,
-                }
-                target = "rejected" if cfg.keep == "correct" and correct is False else "out"
-                append_record(handles[target], record)
-            bar.update(len(batch))
-            bar.set_postfix(tok_s=f"{n_tokens / max(t_decode, 1e-9):.1f}")
-        bar.close()
+        if cfg.mode == "star":
+            jobs = []
+            for ex in mine:  # path 1: the model alone, on the plain problem
+                todo = [i for i in range(cfg.samples_per_problem) if (ex.id, i) not in done]
+                if not todo:
+                    continue
+                prompt = render(tokenizer, student_messages(ex.problem))
+                if run.fits(ex, todo, [prompt], "self"):
+                    jobs += [_Job(ex, i, prompt, star_path="self") for i in todo]
+            solved |= {r["id"] for r in run(jobs, "student", "star, self") if r["correct"]}
+            jobs = []
+            for ex in mine:  # path 2: problems no self attempt solved, with the answer as a hint
+                first = cfg.STAR_RATIONALIZED_FROM
+                todo = [first + j for j in range(cfg.rationalization_samples) if (ex.id, first + j) not in done]
+                if ex.id in solved or not todo:
+                    continue
+                prompt = render(tokenizer, rationalization_messages(ex.problem, ex.answer))
+                if run.fits(ex, todo, [prompt], "rationalized"):
+                    jobs += [_Job(ex, i, prompt, star_path="rationalized") for i in todo]
+            run(jobs, "teacher", "star, rationalized")
+        else:
+            jobs = []
+            for ex in mine:
+                todo = [i for i in range(cfg.samples_per_problem) if (ex.id, i) not in done]
+                if not todo:
+                    continue
+                if cfg.mode == "mixed":
+                    prompt = render(tokenizer, student_messages(ex.problem))
+                    teacher_prompt = render(tokenizer, teacher_messages(ex.problem, ex.solution))
+                else:
+                    prompt, teacher_prompt = render(tokenizer, direct_messages(ex.problem, ex.solution)), None
+                if run.fits(ex, todo, [prompt, teacher_prompt or []]):
+                    jobs += [_Job(ex, i, prompt, teacher_prompt) for i in todo]
+            run(jobs, "student" if cfg.mode == "mixed" else "teacher",
+                f"{cfg.mode}, tau={cfg.tau}" if cfg.mode == "mixed" else cfg.mode)
     finally:
         for fh in handles.values():
             fh.close()
+    n_tokens, t_decode = run.tokens, run.seconds
 
     throughput = {"rank": rank, "tokens": n_tokens, "decode_seconds": t_decode}
     _write_throughput(out, rank, world, throughput)
@@ -162,7 +174,10 @@ def _synthesize(cfg: SynthConfig, model: Any, tokenizer: Any, examples: list[Exa
             merge_shards(paths[name], world, key=_key)
         kept, rejected = read_records(out), read_records(paths["rejected"])
         fractions = student_fractions(kept + rejected)
-        stats = compute_stats(kept, rejected, len(read_records(paths["skipped"])), fractions, out, cfg)
+        skipped = read_records(paths["skipped"])
+        stats = compute_stats(kept, rejected, len(skipped), fractions, out, cfg)
+        if cfg.mode == "star":
+            stats["star"] = star_stats([ex.id for ex in examples], kept, rejected, skipped)
         paths["stats"].write_text(json.dumps(stats, indent=2), encoding="utf-8")
         plot_student_fraction(fractions, paths["histogram"], cfg)
         for p in out.parent.glob("throughput.rank*.json"):
@@ -170,6 +185,95 @@ def _synthesize(cfg: SynthConfig, model: Any, tokenizer: Any, examples: list[Exa
         log.info("synthetic set: %s (%s)", out, _summary_line(stats))
     dist.barrier()
     return out
+
+
+def _check_answers(examples: list[Example], source: str) -> None:
+    """STaR grades every attempt and gives the answer as the rationalization hint: every problem
+    needs a gold answer."""
+    missing = [ex.id for ex in examples if not (ex.answer or "").strip()]
+    if missing:
+        shown = ", ".join(repr(i) for i in missing[:5]) + (", ..." if len(missing) > 5 else "")
+        raise DataError(f"{source}: mode star needs a gold 'answer' for every problem (each attempt is graded "
+                        f"against it, and it is the rationalization hint), but {len(missing)} of {len(examples)} "
+                        f"problems have none (ids {shown}). Add an 'answer' field to those records, or use mode "
+                        "mixed or direct.")
+
+
+@dataclass
+class _Job:
+    """One (problem, sample index) to decode: the writer's prompt, the teacher's (mixed mode only)
+    and, in star mode, the STaR path it belongs to."""
+    ex: Example
+    index: int
+    prompt: list[int]
+    teacher_prompt: list[int] | None = None
+    star_path: str | None = None
+
+
+class _Runner:
+    """Decodes jobs in batches, grades them and appends one record per job to this rank's files."""
+
+    def __init__(self, cfg: SynthConfig, model: Any, tokenizer: Any, label: str, handles: dict, stop_ids: list[int],
+                 window: int, show: bool) -> None:
+        self.cfg, self.model, self.tokenizer, self.label, self.handles = cfg, model, tokenizer, label, handles
+        self.stop_ids, self.window, self.show = stop_ids, window, show
+        self.tokens, self.seconds = 0, 0.0  # throughput over every call
+
+    def fits(self, ex: Example, todo: list[int], prompts: list[list[int]], star_path: str | None = None) -> bool:
+        """Whether the longest of `prompts` plus max_new_tokens fits the model's window; if not,
+        every index in `todo` is listed in the skipped file with the reason."""
+        longest = max(len(p) for p in prompts)
+        if longest + self.cfg.max_new_tokens <= self.window:
+            return True
+        for i in todo:
+            append_record(self.handles["skipped"], {
+                "id": ex.id, "sample_index": i, "reason":
+                f"context of {longest} tokens + max_new_tokens {self.cfg.max_new_tokens} exceeds the "
+                f"model window of {self.window}"} | ({"star_path": star_path} if star_path else {}))
+        return False
+
+    def __call__(self, jobs: list[_Job], writer: str, desc: str) -> list[dict]:
+        """Decode `jobs` (mixed-policy where they carry a teacher prompt, else plain sampling labelled
+        `writer`) and write their records; returns the records."""
+        cfg, tok, written = self.cfg, self.tokenizer, []
+        bar = tqdm(total=len(jobs), desc=f"synth ({desc})", unit="traj", disable=not self.show)
+        for start in range(0, len(jobs), cfg.batch_size):
+            batch = jobs[start:start + cfg.batch_size]
+            mixed = batch[0].teacher_prompt is not None
+            t0 = time.perf_counter()
+            decoded = decode(
+                self.model, [j.prompt for j in batch],
+                teacher_prompts=[j.teacher_prompt for j in batch] if mixed else None,
+                tau=cfg.tau, writer=writer, generators=[generator_for(cfg.seed, j.ex.id, j.index) for j in batch],
+                max_new_tokens=cfg.max_new_tokens, stop_ids=self.stop_ids, pad_id=tok.pad_token_id,
+                temperature=cfg.temperature, top_p=cfg.top_p)
+            self.seconds += time.perf_counter() - t0
+            texts = [tok.decode(d.tokens, skip_special_tokens=True) for d in decoded]
+            grades = _grade(texts, [j.ex.answer for j in batch], cfg.grade_timeout)
+            for j, d, text, correct in zip(batch, decoded, texts, grades):
+                self.tokens += len(d.tokens)
+                marks, marks_kind = _landmarks(j.ex, cfg.landmarks)
+                record = j.ex.to_dict() | {
+                    "landmarks": marks, "landmarks_kind": marks_kind,
+                    "trajectory": text, "trajectory_ids": d.tokens, "teacher_mask": d.teacher_mask,
+                    "p_student": d.p_student, "p_teacher": d.p_teacher, "q": d.q,
+                    "finish_reason": d.finish_reason, "mode": cfg.mode, "tau": cfg.tau,
+                    "temperature": cfg.temperature, "top_p": cfg.top_p,
+                    "seed": sample_seed(cfg.seed, j.ex.id, j.index), "sample_index": j.index, "model": self.label,
+                    "prompt_version": PROMPT_VERSION, "correct": correct,
+                }
+                if j.star_path:
+                    record["star_path"] = j.star_path
+                if j.star_path == "rationalized":
+                    record["rationalization_prompt_version"] = RATIONALIZATION_PROMPT_VERSION
+                # STaR keeps only what reached the answer; the other modes follow `keep`.
+                wrong = correct is not True if cfg.mode == "star" else cfg.keep == "correct" and correct is False
+                append_record(self.handles["rejected" if wrong else "out"], record)
+                written.append(record)
+            bar.update(len(batch))
+            bar.set_postfix(tok_s=f"{self.tokens / max(self.seconds, 1e-9):.1f}")
+        bar.close()
+        return written
 
 
 def _grade(texts: list[str], answers: list[str | None], timeout: float) -> list[bool | None]:
@@ -236,10 +340,35 @@ def compute_stats(kept: list[dict], rejected: list[dict], skipped: int, fraction
     }
 
 
+def star_stats(ids: list[str], kept: list[dict], rejected: list[dict], skipped: list[dict]) -> dict:
+    """Per problem of this run (`ids`), which STaR path gave it training data: `self` (a correct
+    attempt on the plain problem), `rationalized` (none, but a correct attempt with the hint) or
+    `nothing` (only rejected or skipped attempts). Attempt counts are over the same problems."""
+    ids_set = set(ids)
+    paths: dict[str, set[str]] = {}
+    for r in kept:
+        paths.setdefault(str(r["id"]), set()).add(r["star_path"])
+    n_self = sum("self" in paths.get(i, ()) for i in ids_set)
+    n_rationalized = sum(paths.get(i) == {"rationalized"} for i in ids_set)
+    tried = Counter(r["star_path"] for r in kept + rejected if str(r["id"]) in ids_set)
+    right = Counter(r["star_path"] for r in kept if str(r["id"]) in ids_set)
+    return {
+        "problems": len(ids_set), "self": n_self, "rationalized": n_rationalized,
+        "nothing": len(ids_set) - n_self - n_rationalized,
+        "self_attempts": tried["self"], "self_correct": right["self"],
+        "rationalization_attempts": tried["rationalized"], "rationalization_correct": right["rationalized"],
+        "skipped_attempts": sum(str(r["id"]) in ids_set for r in skipped),
+        "rationalization_prompt_version": RATIONALIZATION_PROMPT_VERSION,
+    }
+
+
 def _summary_line(stats: dict) -> str:
+    star = stats.get("star")
     return (f"{stats['trajectories']} trajectories, student tokens {stats['student_token_fraction']}, "
             f"{stats['teacher_interventions_per_100_tokens']} interventions/100 tok, "
-            f"correct {stats['correct']}/{stats['graded']}, {stats['tokens_per_second']} tok/s")
+            f"correct {stats['correct']}/{stats['graded']}, {stats['tokens_per_second']} tok/s"
+            + (f"; STaR problems: {star['self']} self, {star['rationalized']} rationalized, "
+               f"{star['nothing']} nothing" if star else ""))
 
 
 def plot_student_fraction(fractions: dict[str, float], png: Path, cfg: SynthConfig) -> None:
@@ -250,7 +379,8 @@ def plot_student_fraction(fractions: dict[str, float], png: Path, cfg: SynthConf
     ax.set_xlim(0, 1)
     ax.set_xlabel("student-token fraction per problem")
     ax.set_ylabel("problems")
-    ax.set_title(f"Synthesis ({cfg.mode}, tau={cfg.tau}): {model_label(cfg.model)[:60]}\n"
+    mode = f"{cfg.mode}, tau={cfg.tau}" if cfg.mode == "mixed" else cfg.mode
+    ax.set_title(f"Synthesis ({mode}): {model_label(cfg.model)[:60]}\n"
                  f"data: {cfg.data.source} ({cfg.data.split})", fontsize=9)
     ax.legend()
     fig.tight_layout()

@@ -34,6 +34,11 @@ def test_gamma_at_least_one_needs_a_cap():
     with pytest.raises(ConfigError, match="unbounded"):
         TrainConfig(gamma=1.0)
     assert TrainConfig(gamma=1.5, neg_cap=5.0).gamma == 1.5
+    # The forward direction is unbounded for any gamma > 0 (wherever gamma p_NR(v) > p_T(v)).
+    with pytest.raises(ConfigError, match="contrastive_forward, any gamma > 0"):
+        TrainConfig(loss="contrastive_forward", gamma=0.1)
+    assert TrainConfig(loss="contrastive_forward", gamma=0.1, neg_cap=2.0).neg_cap == 2.0
+    assert TrainConfig(loss="contrastive_forward", gamma=0.0).gamma == 0.0
 
 
 def test_cli_flags_come_from_the_dataclasses():
@@ -86,7 +91,7 @@ def test_run_refuses_stage_fields_it_sets_itself(tmp_path):
     assert "--synth.tau" in parser._subparsers._group_actions[0].choices["run"].format_help()
     y = tmp_path / "run.yaml"
     y.write_text("eval:\n  n: 4\n  adapter: runs/x/adapter\n", encoding="utf-8")
-    with pytest.raises(ConfigError, match=r"run.yaml: config field 'eval.adapter': set by dail run itself"):
+    with pytest.raises(ConfigError, match=r"run.yaml: config field 'eval.adapter': set by the command itself"):
         build(RunConfig, str(y))
 
 

@@ -2,8 +2,11 @@
 
     dail synth  [--config FILE.yaml] [--tau 0.3 --data.source champ ...]
     dail train  [--config FILE.yaml] [--loss nll --gamma 0.2 ...]
+    dail grpo   [--config FILE.yaml] [--hints self|landmarks --num_generations 8 ...]
     dail eval   [--config FILE.yaml] [--adapter runs/x/train/adapter] [--on train|test ...]
     dail run    [--config FILE.yaml] [...]      (no arguments: the embedded default, end to end)
+    dail compare --config configs/compare-gsm.yaml   (every method on the same problems)
+    dail sweep  [--config FILE.yaml] [--taus [0.1,0.3] --gammas [0,0.1]]
     dail report RUN [RUN ...] [--out DIR]
 
 Flags are generated from the stage's config dataclass (`dail.config`), with nested fields as
@@ -21,7 +24,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from dail.config import (ConfigError, EvalConfig, RunConfig, SynthConfig, TrainConfig, build, flag_names)
+from dail.config import (CompareConfig, ConfigError, EvalConfig, GRPOConfig, RunConfig, SweepConfig, SynthConfig,
+                         TrainConfig, build, flag_names)
 from dail.data import DataError
 from dail.layout import RunFolder, eval_files, summaries
 from dail.lock import LockError
@@ -35,8 +39,13 @@ STAGES: dict[str, tuple[type, str, str]] = {
     "train": (TrainConfig, "dail.training:train", "Stage 2: LoRA training with the contrastive KL (or nll / sft)."),
     "eval": (EvalConfig, "dail.evaluation:evaluate",
              "Sample n answers per problem, grade them, report pass@k by k and token budget."),
+    "grpo": (GRPOConfig, "dail.grpo:train_grpo",
+             "GRPO (TRL's GRPOTrainer) rewarded by the eval grader; --hints self|landmarks for NuRL."),
     "run": (RunConfig, "dail.pipeline:run",
             "All stages from one config; with no arguments, the embedded default end to end."),
+    "compare": (CompareConfig, "dail.compare:compare",
+                "Every method (base, sft, nll, dail, star, grpo, ...) on the same problems: one folder, one report."),
+    "sweep": (SweepConfig, "dail.sweep:sweep", "DAIL over a tau x gamma grid, scored on the validation split."),
 }
 
 

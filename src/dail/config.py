@@ -75,37 +75,61 @@ class DataConfig:
     source: str = _f("gsm-symbolic", "Where problems come from: 'gsm-symbolic', 'champ' (built in, "
                      "offline), a .jsonl expert file, a folder saved by datasets.save_to_disk, or "
                      "'hf:NAME' for a Hugging Face dataset.")
-    split: str = _f("train", "train or test. gsm-symbolic splits by template, champ by a seeded rule; "
-                    "for JSONL files the split is ignored.")
+    split: str = _f("train", "train, val or test. gsm-symbolic splits by template, champ by a seeded rule "
+                    "(val: val_fraction of the training side, never trained on); for JSONL files the split "
+                    "is ignored.")
     limit: int = _f(0, "Use at most this many problems (0 = all).")
-    seed: int = _f(0, "Seed for instance generation (gsm-symbolic) and the champ split.")
+    seed: int = _f(0, "Seed for the train/val/test split, and for instance generation (gsm-symbolic) unless "
+                   "instance_seed is set.")
+    instance_seed: int = _f(-1, "gsm-symbolic: seed for generating each template's instance (-1 = seed). "
+                            "Another value gives new instances of the same templates (near transfer).")
     test_fraction: float = _f(0.5, "Fraction of templates (gsm-symbolic) or problems (champ) held out as "
                               "the test split.")
+    val_fraction: float = _f(0.0, "Fraction of the training side's templates (gsm-symbolic) or problems "
+                             "(champ) held out as the validation split, for choosing hyperparameters.")
     fields: dict = _f({}, "Field mapping for Hugging Face / saved datasets, e.g. "
                       "{problem: question, solution: answer}.")
     hf_split: str = _f("train", "Split name inside a Hugging Face / saved dataset.")
 
     def __post_init__(self) -> None:
-        _check(self.split in ("train", "test"), "data.split", f"expected train|test, got {self.split!r}")
+        _check(self.split in ("train", "val", "test"), "data.split", f"expected train|val|test, got {self.split!r}")
+        _check(0.0 <= self.val_fraction < 1.0, "data.val_fraction", "must be in [0, 1)")
+        _check(self.split != "val" or self.val_fraction > 0, "data.split",
+               "split 'val' needs data.val_fraction > 0")
         _check(self.limit >= 0, "data.limit", "must be >= 0")
         _check(0.0 < self.test_fraction < 1.0, "data.test_fraction", "must be in (0, 1)")
 
 
 @dataclass
 class SynthConfig:
+    # star mode: rationalization attempt j of a problem has sample_index STAR_RATIONALIZED_FROM + j, a
+    # block apart from the attempts without the hint (0, 1, ...), so a rerun may still grow
+    # samples_per_problem. Not a field: a fixed part of the record format.
+    STAR_RATIONALIZED_FROM = 1000
+
     model: ModelConfig = _sub(ModelConfig, "Model.", resume=True)
     # A rerun may grow data.limit (and samples_per_problem): it then adds the missing records.
     data: DataConfig = _sub(DataConfig, "Expert problems.", resume=True, resume_except=("limit",))
     out: str = _f("runs/synth/synthetic.jsonl", "Synthetic-set JSONL (appended to; finished records "
                   "are skipped on rerun).")
-    mode: str = _f("mixed", "mixed (student writes, teacher vetoes) or direct (teacher alone writes).", resume=True)
+    mode: str = _f("mixed", "mixed (student writes, teacher vetoes), direct (teacher alone writes), or star "
+                   "(STaR with rationalization, Zelikman et al. 2022: samples_per_problem attempts by the model "
+                   "on the problem alone; a problem with none correct gets rationalization_samples attempts with "
+                   "the correct answer as a hint; only correct samples are kept, stored under the plain problem. "
+                   "Needs a gold answer for every problem; tau and keep do not apply).", resume=True)
     tau: float = _f(0.3, "Acceptance threshold on the teacher's probability of the student's token. "
                     "0 = pure student, >1 = pure teacher. 0.3 is our measurement: ~80% student tokens "
                     "while most of the teacher's correctness comes through (docs/design.md, Stage 1 table).", resume=True)
     temperature: float = _f(0.7, "Sampling temperature for both roles (0 = greedy). Common practice.", resume=True)
     top_p: float = _f(1.0, "Nucleus sampling for both roles.", resume=True)
     max_new_tokens: int = _f(256, "Trajectory length cap.", resume=True)
-    samples_per_problem: int = _f(2, "Trajectories per problem.")
+    samples_per_problem: int = _f(2, "Trajectories per problem (star mode: attempts without the hint, at most "
+                                  f"{STAR_RATIONALIZED_FROM}; the rationalization attempts are sample indices "
+                                  f"{STAR_RATIONALIZED_FROM}, {STAR_RATIONALIZED_FROM + 1}, ...).")
+    rationalization_samples: int = _f(1, "star mode: attempts with the answer as a hint for each problem that "
+                                      "has no correct attempt without it. 1 as in STaR's algorithm (Zelikman "
+                                      "et al. 2022: one rationalization per failed problem per iteration); "
+                                      "0 = no rationalization (the paper's ablation).", resume=True)
     batch_size: int = _f(16, "Trajectories decoded together (the fused step runs 2x this many rows).")
     seed: int = _f(0, "Run seed; each (problem id, sample index) derives its own seed from it.", resume=True)
     landmarks: str = _f("math", "Landmark extractor for the negative-reference context: math|code|regex:PATTERN. "
@@ -113,16 +137,20 @@ class SynthConfig:
                         "into the synthetic set, and training reads them from there. An expert record's own "
                         "`landmarks` list wins over the extractor.", resume=True)
     keep: str = _f("all", "all | correct: which trajectories go into the training set (grades are "
-                   "always recorded).", resume=True)
+                   "always recorded). star mode always keeps only the correct ones.", resume=True)
     grade_timeout: float = _f(5.0, "Seconds per math-verify call before the trajectory counts as wrong.")
 
     def __post_init__(self) -> None:
-        _check(self.mode in ("mixed", "direct"), "mode", f"expected mixed|direct, got {self.mode!r}")
+        _check(self.mode in ("mixed", "direct", "star"), "mode", f"expected mixed|direct|star, got {self.mode!r}")
         _check(self.tau >= 0, "tau", "must be >= 0")
         _check(self.temperature >= 0, "temperature", "must be >= 0")
         _check(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
         _check(self.max_new_tokens > 0, "max_new_tokens", "must be > 0")
         _check(self.samples_per_problem > 0, "samples_per_problem", "must be > 0")
+        _check(self.mode != "star" or self.samples_per_problem <= self.STAR_RATIONALIZED_FROM,
+               "samples_per_problem", f"must be <= {self.STAR_RATIONALIZED_FROM} in star mode (sample indices "
+               f"from {self.STAR_RATIONALIZED_FROM} on are the rationalization attempts)")
+        _check(self.rationalization_samples >= 0, "rationalization_samples", "must be >= 0")
         _check(self.batch_size > 0, "batch_size", "must be > 0")
         _check(self.keep in ("all", "correct"), "keep", f"expected all|correct, got {self.keep!r}")
         _check(self.grade_timeout > 0, "grade_timeout", "must be > 0")
@@ -141,8 +169,12 @@ class TrainConfig:
                               "solutions); the same forms and split settings as synthesis's data.",
                               resume=True)
     out: str = _f("runs/train", "Output folder: adapter/ (PEFT format), metrics.jsonl, config.yaml.")
-    loss: str = _f("contrastive", "contrastive (DAIL) | nll (ablation: cross-entropy on the synthetic "
-                   "trajectory) | sft (baseline: cross-entropy on the raw expert solution).", resume=True)
+    loss: str = _f("contrastive", "contrastive (DAIL: KL(student||teacher) - gamma KL(student||NR)) | "
+                   "contrastive_forward (the forward-KL direction, KL(teacher||student) - gamma KL(NR||student), "
+                   "an option of the authors' code; for gamma > 0 it is unbounded below wherever gamma p_NR > p_T on "
+                   "some token, unless neg_cap is set) | nll "
+                   "(ablation: cross-entropy on the synthetic trajectory) | sft (baseline: cross-entropy on the "
+                   "raw expert solution).", resume=True)
     gamma: float = _f(0.1, "Weight of the negative-reference KL. The paper does not scan it; 0.1 keeps "
                       "the objective well inside the bounded region (gamma < 1).", resume=True)
     neg_cap: float = _f(0.0, "Per-token cap on KL(student||NR) after the vocabulary sum (0 = no cap). "
@@ -183,8 +215,8 @@ class TrainConfig:
                          "so each step runs only the student. Beyond the paper.")
 
     def __post_init__(self) -> None:
-        _check(self.loss in ("contrastive", "nll", "sft"), "loss",
-               f"expected contrastive|nll|sft, got {self.loss!r}")
+        _check(self.loss in ("contrastive", "contrastive_forward", "nll", "sft"), "loss",
+               f"expected contrastive|contrastive_forward|nll|sft, got {self.loss!r}")
         _check(self.gamma >= 0, "gamma", "must be >= 0")
         _check(self.neg_cap >= 0, "neg_cap", "must be >= 0 (0 = no cap)")
         if self.loss == "contrastive" and self.gamma >= 1 and self.neg_cap <= 0:
@@ -192,6 +224,13 @@ class TrainConfig:
                 f"config field 'gamma': gamma={self.gamma} >= 1 makes the contrastive objective unbounded "
                 "below (the student can push KL(student||NR) to infinity). Use gamma < 1, or set "
                 "neg_cap > 0 to cap the per-token negative KL.")
+        if self.loss == "contrastive_forward" and self.gamma > 0 and self.neg_cap <= 0:
+            # KL(T||θ) − γ KL(NR||θ) = const + Σ_v (γ p_NR(v) − p_T(v)) log p_θ(v): wherever γ p_NR(v) > p_T(v)
+            # the student lowers the loss without end by sending p_θ(v) to 0.
+            raise ConfigError(
+                f"config field 'gamma': with loss contrastive_forward, any gamma > 0 ({self.gamma}) is unbounded "
+                "below (the student drives p(v) to 0 wherever gamma p_NR(v) > p_T(v)). Set neg_cap > 0, or "
+                "gamma 0.")
         _check(self.scheduler in ("cosine", "constant"), "scheduler", "expected cosine|constant")
         _check(self.lora_r > 0, "lora_r", "must be > 0")
         _check(self.lora_alpha > 0, "lora_alpha", "must be > 0")
@@ -253,11 +292,101 @@ class EvalConfig:
 
 
 @dataclass
+class GRPOConfig:
+    """`dail grpo`: GRPO on TRL's GRPOTrainer, rewarded by `dail eval`'s grader; with `hints`, NuRL.
+
+    The algorithm's own settings that are not here (clip epsilon 0.2, loss_type 'dapo', group-wise
+    reward scaling, one policy update per generation) are TRL's GRPOConfig defaults.
+    """
+    model: ModelConfig = _sub(ModelConfig, "Base model: the policy is base + LoRA, the KL reference is the "
+                              "base (adapter off).", resume=True)
+    data: DataConfig = _sub(DataConfig, "Training problems; every one needs a gold answer (the reward grades "
+                            "against it).", resume=True)
+    out: str = _f("runs/grpo", "Output folder: adapter/ (PEFT format), metrics.jsonl, train_info.json, "
+                  "config.yaml, hints.jsonl (with hints), checkpoints/.")
+    hints: str = _f("none", "none (plain GRPO) | self (NuRL, Chen et al. 2025: before training the model writes "
+                    "a short abstract hint per problem from the problem and its gold answer) | landmarks (the "
+                    "problem's landmarks, minus any equal to the gold answer: no cost to collect). In training, "
+                    "when all G rollouts of a problem score 0, G-1 of them are regenerated with the hint in the "
+                    "prompt. Hints never reach evaluation.", resume=True)
+    hints_file: str = _f("", "Hints JSONL ({id, hint} per line; inspect and edit it freely). Hints missing from "
+                         "it are collected and appended before training. '' = <out>/hints.jsonl.")
+    num_generations: int = _f(8, "Group size G: completions per problem per step. TRL GRPOConfig's default.",
+                              resume=True)
+    beta: float = _f(0.04, "KL coefficient against the base model. 0.04 is the GRPO paper's value (Shao et al. "
+                     "2024, DeepSeekMath); TRL's default is 0.0, which computes and logs no KL.", resume=True)
+    lr: float = _f(1e-5, "Learning rate (AdamW, linear decay: TRL's scheduler default). TRL's 1e-6 is for full "
+                   "fine-tuning; LoRA needs about 10x the full fine-tuning rate (Schulman et al. 2025, 'LoRA "
+                   "Without Regret').")
+    epochs: int = _f(3, "Passes over the problems (transformers' num_train_epochs default), unless max_steps.")
+    max_steps: int = _f(0, "Stop after this many optimizer steps (0 = run all epochs).")
+    max_new_tokens: int = _f(256, "Completion length cap. TRL's default is 512; 256 is `dail eval`'s budget, so "
+                             "training samples the length it is evaluated at.", resume=True)
+    temperature: float = _f(1.0, "Rollout sampling temperature. TRL GRPOConfig's default (on-policy samples).",
+                            resume=True)
+    top_p: float = _f(1.0, "Rollout nucleus sampling. TRL GRPOConfig's default.", resume=True)
+    problems_per_step: int = _f(4, "Problems per optimizer step, over all processes; each gets num_generations "
+                                "completions (our choice: 4 steps per epoch on 16 problems). Under N processes it "
+                                "must be a multiple of N, so that each process holds whole groups.", resume=True)
+    micro_batch_size: int = _f(8, "Completions per forward/backward pass on each process (TRL's "
+                               "per_device_train_batch_size default).")
+    lora_r: int = _f(16, "LoRA rank. Common practice for small models.", resume=True)
+    lora_alpha: int = _f(32, "LoRA alpha (2 x rank, common practice).", resume=True)
+    lora_dropout: float = _f(0.0, "LoRA dropout.", resume=True)
+    target_modules: list = _f(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                               "down_proj"], "Modules that get LoRA (all linear layers, common practice).", resume=True)
+    seed: int = _f(0, "Seed for LoRA init, problem order and rollouts (each rollout has its own generator).",
+                   resume=True)
+    grade_timeout: float = _f(5.0, "Seconds per math-verify call before the completion scores 0 (as in dail eval).")
+    hint_tokens: int = _f(64, "hints=self: token cap of the hint itself (the reasoning before it gets "
+                          "max_new_tokens). One or two sentences, as NuRL asks for.")
+    gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass (less memory, more "
+                                      "compute). TRL turns it on by default; off here, as in dail train.")
+    save_every: int = _f(50, "Write a resumable checkpoint (TRL's) to <out>/checkpoints every this many "
+                         "optimizer steps (0 = only at the end).")
+    resume: bool = _f(False, "Continue from the last checkpoint in <out>/checkpoints (also a finished run, e.g. "
+                      "with a larger max_steps).")
+    overwrite: bool = _f(False, "Start over: delete this stage's outputs in <out> first (hints.jsonl is kept).")
+    report_to: str = _f("none", "Where step metrics go besides the console and metrics.jsonl: none | "
+                        "tensorboard (skipped if not installed) | wandb.")
+
+    def __post_init__(self) -> None:
+        _check(self.hints in ("none", "self", "landmarks"), "hints",
+               f"expected none|self|landmarks, got {self.hints!r}")
+        _check(self.hints != "none" or not self.hints_file, "hints_file",
+               "is only read with hints self|landmarks (hints is none)")
+        _check(_is_int(self.num_generations) and self.num_generations >= 2, "num_generations",
+               "must be >= 2 (GRPO's advantage compares completions within a group)")
+        _check(self.beta >= 0, "beta", "must be >= 0")
+        _check(self.lr > 0, "lr", "must be > 0")
+        _check(self.epochs > 0, "epochs", "must be > 0")
+        _check(self.max_steps >= 0, "max_steps", "must be >= 0 (0 = run all epochs)")
+        _check(self.max_new_tokens > 0, "max_new_tokens", "must be > 0")
+        _check(self.temperature > 0, "temperature", "must be > 0 (GRPO needs sampled, varied groups)")
+        _check(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
+        _check(self.problems_per_step > 0, "problems_per_step", "must be > 0")
+        _check(self.micro_batch_size > 0, "micro_batch_size", "must be > 0")
+        _check((self.problems_per_step * self.num_generations) % self.micro_batch_size == 0, "micro_batch_size",
+               f"must divide problems_per_step x num_generations ({self.problems_per_step * self.num_generations})")
+        _check(self.lora_r > 0, "lora_r", "must be > 0")
+        _check(self.lora_alpha > 0, "lora_alpha", "must be > 0")
+        _check(0 <= self.lora_dropout < 1, "lora_dropout", "must be in [0, 1)")
+        _check(bool(self.target_modules) and all(isinstance(m, str) and m for m in self.target_modules),
+               "target_modules", f"expected a non-empty list of module names, got {self.target_modules!r}")
+        _check(self.grade_timeout > 0, "grade_timeout", "must be > 0")
+        _check(self.hint_tokens > 0, "hint_tokens", "must be > 0")
+        _check(self.save_every >= 0, "save_every", "must be >= 0 (0 = only at the end)")
+        _check(not (self.resume and self.overwrite), "overwrite", "resume and overwrite exclude each other")
+        _check(self.report_to in ("tensorboard", "wandb", "none"), "report_to",
+               f"expected none|tensorboard|wandb, got {self.report_to!r}")
+
+
+@dataclass
 class RunConfig:
     """All stages from one config, into one run folder.
 
     `model`, `train_data`, `test_data` and `out` are the run's own: `dail run` sets every stage's
-    model, data, adapter and output from them (`RUN_SETS` lists those stage fields). They are not
+    model, data, adapter and output from them (the `run_sets` of its stage fields). They are not
     flags of `dail run` and a YAML file that sets them is refused, so nothing is accepted and
     then silently overwritten.
     """
@@ -281,15 +410,89 @@ class RunConfig:
         _check(self.train_data.split == "train", "train_data.split", "must be train")
         _check(self.test_data.split == "test", "test_data.split", "must be test")
         if self.test_data.source == self.train_data.source:
-            for name in ("seed", "test_fraction", "fields", "hf_split"):
+            for name in ("seed", "test_fraction", "val_fraction", "fields", "hf_split"):
                 a, b = getattr(self.train_data, name), getattr(self.test_data, name)
                 _check(a == b, f"test_data.{name}",
                        f"{b!r} differs from train_data.{name} ({a!r}): with one source, both splits must "
                        "come from the same split rule, or training problems leak into the test split")
 
 
-# Stage fields that `dail run` sets itself (from RunConfig.model / train_data / test_data / out).
-RUN_SETS = {f.name: f.metadata["run_sets"] for f in dataclasses.fields(RunConfig) if "run_sets" in f.metadata}
+COMPARE_METHODS = ("base", "sft", "nll", "dail", "dail_direct", "star", "grpo", "nurl")
+
+
+@dataclass
+class CompareConfig:
+    """`dail compare`: several methods on the same train / validation / test problems.
+
+    Like `dail run`, it sets every stage's model, data and output itself (`run_sets`).
+    """
+    out: str = _f("runs/compare", "Comparison folder: one ordinary run folder per method, the shared "
+                  "synthetic sets under data/, and report.md with its plots.")
+    model: ModelConfig = _sub(ModelConfig, "Model for every method.")
+    data: DataConfig = _sub(lambda: DataConfig(split="train", limit=16, val_fraction=0.2),
+                            "Training problems (split train). The other splits are cut from the same "
+                            "source by the same rule: val (data.val_fraction of the training side), near "
+                            "(the training templates, new instances) and far (split test).")
+    near_instance_seed: int = _f(1001, "gsm-symbolic instance seed of the near-transfer split (new instances of "
+                                 "the training templates).")
+    val_limit: int = _f(16, "Validation problems (0 = all of the validation side).")
+    test_limit: int = _f(16, "Far-transfer (held-out template) problems (0 = all).")
+    splits: list = _f(["train", "near", "far"], "Evaluation splits for every method: train (the training "
+                      "problems themselves), near, far, val.")
+    methods: list = _f(["base", "sft", "nll", "dail", "dail_direct", "star"],
+                       f"Methods, any of {', '.join(COMPARE_METHODS)}. nll and dail share one mixed synthetic "
+                       "set; base is evaluated once.")
+    seeds: list = _f([0], "Training seeds. Methods in seed_methods are trained once per seed; the others with "
+                     "the first.")
+    seed_methods: list = _f(["dail", "nll"], "Methods trained once per seed in `seeds` (seed variation).")
+    chosen: dict = _f({}, "What was chosen on the validation split, and how (copied into the report), e.g. "
+                      "{lr: '1e-3: best val pass@8 of 3e-4, 1e-3 (dail sweep)'}.")
+    synth: SynthConfig = _sub(SynthConfig, "Synthesis settings shared by every synthetic set (mode is set per "
+                              "method).", run_sets=("model", "data", "out", "mode"))
+    train: TrainConfig = _sub(TrainConfig, "Training settings shared by every trained method (loss is set per "
+                              "method).", run_sets=("model", "data", "expert", "out", "loss", "seed", "resume"))
+    eval: EvalConfig = _sub(EvalConfig, "Evaluation settings shared by every method and split.",
+                            run_sets=("model", "adapter", "data", "out"))
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.methods if m not in COMPARE_METHODS]
+        _check(not unknown, "methods", f"unknown {unknown}; expected any of {', '.join(COMPARE_METHODS)}")
+        _check(bool(self.methods), "methods", "must name at least one method")
+        _check(all(s in ("train", "near", "far", "val") for s in self.splits) and bool(self.splits), "splits",
+               f"expected a non-empty list of train|near|far|val, got {self.splits!r}")
+        _check("val" not in self.splits or self.data.val_fraction > 0, "splits",
+               "split 'val' needs data.val_fraction > 0")
+        _check(bool(self.seeds) and all(_is_int(s) for s in self.seeds), "seeds", "expected a list of integers")
+        _check(self.data.split == "train", "data.split", "must be train (the other splits are derived)")
+        _check(self.val_limit >= 0 and self.test_limit >= 0, "val_limit", "limits must be >= 0")
+
+
+@dataclass
+class SweepConfig:
+    """`dail sweep`: DAIL over a grid of tau (synthesis) and gamma (training), scored on the
+    validation split, never on test."""
+    out: str = _f("runs/sweep", "Sweep folder: data/tau<τ>/ synthetic sets, tau<τ>-gamma<γ>/ run folders, "
+                  "report.md with the heatmap.")
+    model: ModelConfig = _sub(ModelConfig, "Model.")
+    data: DataConfig = _sub(lambda: DataConfig(split="train", limit=16, val_fraction=0.2),
+                            "Training problems; validation problems come from the same source (split val).")
+    val_limit: int = _f(16, "Validation problems (0 = all of the validation side).")
+    taus: list = _f([0.1, 0.3, 0.6], "Synthesis thresholds to try (the paper does not scan tau).")
+    gammas: list = _f([0.0, 0.1, 0.3], "Negative-reference weights to try (the paper does not scan gamma).")
+    synth: SynthConfig = _sub(SynthConfig, "Synthesis settings (tau is swept).",
+                              run_sets=("model", "data", "out", "tau"))
+    train: TrainConfig = _sub(TrainConfig, "Training settings (gamma is swept).",
+                              run_sets=("model", "data", "expert", "out", "gamma", "resume"))
+    eval: EvalConfig = _sub(EvalConfig, "Evaluation on the validation split.",
+                            run_sets=("model", "adapter", "data", "out"))
+
+    def __post_init__(self) -> None:
+        _check(bool(self.taus) and all(isinstance(t, (int, float)) and t >= 0 for t in self.taus), "taus",
+               "expected a non-empty list of numbers >= 0")
+        _check(bool(self.gammas) and all(isinstance(g, (int, float)) and 0 <= g < 1 for g in self.gammas),
+               "gammas", "expected a non-empty list of numbers in [0, 1)")
+        _check(self.data.val_fraction > 0, "data.val_fraction", "the sweep scores on the validation split: "
+               "set data.val_fraction > 0")
 
 
 # ----------------------------------------------------------------------------- building configs
@@ -321,8 +524,8 @@ def from_dict(cls: type, data: dict | None, where: str = "", path: str = "") -> 
                 raise ConfigError(f"{where}{path}{key}: expected a mapping, got {value!r}")
             owned = [k for k in names[key].metadata.get("run_sets", ()) if k in (value or {})]
             if owned:
-                raise ConfigError(f"{where}config field '{path}{key}.{owned[0]}': set by dail run itself (from "
-                                  "model, train_data, test_data and out); set those instead")
+                raise ConfigError(f"{where}config field '{path}{key}.{owned[0]}': set by the command itself (from "
+                                  "its top-level model, data and out, or per method); set those instead")
             # Start from this field's own default (e.g. RunConfig.test_data has split=test), so a
             # partial override keeps the defaults it does not mention.
             f = names[key]

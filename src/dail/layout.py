@@ -17,7 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["RunFolder", "synth_files", "train_files", "eval_files", "summaries", "finished_adapter"]
+__all__ = ["RunFolder", "shared_synth", "synth_files", "train_files", "grpo_files", "eval_files", "summaries",
+           "finished_adapter"]
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,11 @@ class RunFolder:
         return self.root / "report.md"
 
 
+def shared_synth(root: str | Path, mode: str) -> Path:
+    """A synthetic set that several methods of a `dail compare` / `dail sweep` folder share."""
+    return Path(root) / "data" / mode / "synthetic.jsonl"
+
+
 def synth_files(out: str | Path) -> dict[str, Path]:
     """The synthetic set `out` and the files synthesis writes next to it."""
     out = Path(out)
@@ -72,6 +78,13 @@ def train_files(out: str | Path) -> dict[str, Path]:
         "config": out / "config.yaml",
         "lock": out / ".lock",
     }
+
+
+def grpo_files(out: str | Path) -> dict[str, Path]:
+    """What `dail grpo` writes into its `out` folder: a training method's files (`train_files`), with
+    TRL's `checkpoint-N` folders under `checkpoints/`, and the NuRL hints (default place)."""
+    out = Path(out)
+    return train_files(out) | {"checkpoints": out / "checkpoints", "hints": out / "hints.jsonl"}
 
 
 def eval_files(out: str | Path) -> dict[str, Path]:

@@ -1,0 +1,403 @@
+"""`dail compare`: the paper's comparison, every method on the same problems, in one folder.
+
+    <out>/config.yaml                        the CompareConfig (loads back with --config)
+    <out>/data/{mixed,direct,star}/          shared synthetic sets (nll and dail share `mixed`)
+    <out>/base/eval/<split>/                 the base model, evaluated once per split
+    <out>/<method>[-s<seed>]/train/          an ordinary training folder (adapter/, metrics.jsonl, ...)
+    <out>/<method>[-s<seed>]/eval/<split>/   and its evaluations, so `dail eval` / `dail report` work on it alone
+    <out>/comparison.json                    every figure of the report, machine-readable
+    <out>/timings.json                       wall seconds of every stage (summed over resumed attempts)
+    <out>/report.md, <out>/*.png             the table and the plots
+
+Splits (all from the same source and split rule as `data`): `train` the training problems
+themselves, `near` new instances of the training templates, `far` held-out templates, `val`
+the validation side (hyperparameters are chosen there, never on test; `chosen` records how).
+
+Every stage resumes: synthesis and evaluation skip what is written, a finished adapter is
+not retrained, and an interrupted training continues from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from dail import dist
+from dail.config import CompareConfig, DataConfig, EvalConfig, SynthConfig, TrainConfig, save
+from dail.evaluation import BOOTSTRAP_RESAMPLES, evaluate
+from dail.layout import RunFolder, eval_files, finished_adapter, shared_synth, synth_files
+from dail.lock import output_lock
+from dail.models import load_adapter_for_inference, load_model, load_tokenizer
+from dail.records import read_records
+from dail.stats import paired_difference, per_problem_pass, resample_indices, transitions
+from dail.synthesis import synthesize
+from dail.training import train
+
+__all__ = ["METHODS", "compare", "split_data", "method_runs", "comparison", "write_compare_report"]
+
+log = logging.getLogger(__name__)
+
+# How each method is made: the synthetic set it trains on (None = the expert solutions or no
+# training) and the training loss. One table, read by `compare` and the report.
+METHODS: dict[str, dict[str, Any]] = {
+    "base": {"synth": None, "loss": None, "label": "base"},
+    "sft": {"synth": None, "loss": "sft", "label": "SFT (expert solutions)"},
+    "nll": {"synth": "mixed", "loss": "nll", "label": "NLL (mixed trajectories)"},
+    "dail": {"synth": "mixed", "loss": "contrastive", "label": "DAIL (mixed)"},
+    "dail_direct": {"synth": "direct", "loss": "contrastive", "label": "DAIL (direct)"},
+    "star": {"synth": "star", "loss": "nll", "label": "STaR (rationalization)"},
+    "grpo": {"synth": None, "loss": "grpo", "label": "GRPO"},
+    "nurl": {"synth": None, "loss": "grpo", "label": "NuRL (GRPO + self hints)"},
+}
+
+
+def split_data(cfg: CompareConfig, split: str) -> DataConfig:
+    """The DataConfig of one evaluation split, cut from `cfg.data` by the same rule."""
+    d = copy.deepcopy(cfg.data)
+    if split == "near":
+        d.instance_seed = cfg.near_instance_seed
+    elif split == "far":
+        d.split, d.limit = "test", cfg.test_limit
+    elif split == "val":
+        d.split, d.limit = "val", cfg.val_limit
+    return d
+
+
+def method_runs(cfg: CompareConfig) -> list[tuple[str, str, int]]:
+    """(run name, method, training seed) for every run folder, in config order."""
+    runs = []
+    for m in cfg.methods:
+        seeds = cfg.seeds if (m in cfg.seed_methods and m != "base") else cfg.seeds[:1]
+        for s in seeds:
+            runs.append((m if len(seeds) == 1 else f"{m}-s{s}", m, s))
+    return runs
+
+
+@contextmanager
+def _timed(timings: dict, key: str, path: Path) -> Iterator[None]:
+    t0 = time.perf_counter()
+    yield
+    timings[key] = round(timings.get(key, 0.0) + time.perf_counter() - t0, 1)
+    path.write_text(json.dumps(timings, indent=2), encoding="utf-8")
+
+
+def _synth_cfg(cfg: CompareConfig, mode: str) -> SynthConfig:
+    s = copy.deepcopy(cfg.synth)
+    s.model, s.data, s.mode = cfg.model, cfg.data, mode
+    s.out = str(shared_synth(cfg.out, mode))
+    return s
+
+
+def _train_cfg(cfg: CompareConfig, method: str, seed: int, folder: Path) -> TrainConfig:
+    t = copy.deepcopy(cfg.train)
+    t.model, t.expert, t.loss, t.seed = cfg.model, cfg.data, METHODS[method]["loss"], seed
+    synth = METHODS[method]["synth"]
+    t.data = str(shared_synth(cfg.out, synth)) if synth else t.data
+    t.out = str(RunFolder(folder).train)
+    t.resume = Path(t.out).exists()  # a folder an interrupted run started: continue its checkpoint
+    return t
+
+
+def _eval_cfg(cfg: CompareConfig, split: str, folder: Path, adapter: str) -> EvalConfig:
+    e = copy.deepcopy(cfg.eval)
+    e.model, e.data, e.adapter, e.out = cfg.model, split_data(cfg, split), adapter, str(RunFolder(folder).eval(split))
+    return e
+
+
+def _train_grpo(cfg: CompareConfig, method: str, seed: int, folder: Path) -> Path:
+    from dail import grpo  # the GRPO baselines need TRL; only import it when they are asked for
+
+    g = grpo.config_for_compare(cfg, method, seed, folder)
+    return grpo.train_grpo(g)
+
+
+def compare(cfg: CompareConfig) -> Path:
+    """Run every method of `cfg` (resuming what is done) and write the comparison report."""
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rank, _ = dist.world()
+    if rank == 0:
+        save(cfg, out / "config.yaml")
+    timings_path = out / "timings.json"
+    timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
+    with output_lock(out / ".compare.lock", f"{out}: comparison", rank):
+        tok = load_tokenizer(cfg.model)
+        model = load_model(cfg.model)
+        for split in cfg.splits:  # the base model, once per split
+            with _timed(timings, f"eval base {split}", timings_path):
+                evaluate(_eval_cfg(cfg, split, out / "base", ""), model, tok, label="base")
+        for mode in dict.fromkeys(METHODS[m]["synth"] for m in cfg.methods if METHODS[m]["synth"]):
+            with _timed(timings, f"synth {mode}", timings_path):
+                synthesize(_synth_cfg(cfg, mode), model, tok)
+        del model
+        for name, method, seed in method_runs(cfg):
+            if method == "base":
+                continue
+            folder = out / name
+            adapter = finished_adapter(RunFolder(folder).train)
+            if adapter is None:
+                log.info("compare: training %s (seed %d) -> %s", method, seed, folder / "train")
+                with _timed(timings, f"train {name}", timings_path):
+                    if METHODS[method]["loss"] == "grpo":
+                        adapter = _train_grpo(cfg, method, seed, folder)
+                    else:
+                        adapter = train(_train_cfg(cfg, method, seed, folder))
+            trained = load_adapter_for_inference(load_model(cfg.model), str(adapter))
+            for split in cfg.splits:
+                with _timed(timings, f"eval {name} {split}", timings_path):
+                    evaluate(_eval_cfg(cfg, split, folder, str(adapter)), trained, tok, label=name)
+            del trained
+    if rank == 0:
+        write_compare_report(cfg)
+    return out / "report.md"
+
+
+# ----------------------------------------------------------------------------- statistics
+
+def _counts(samples: Path, budget: int) -> dict[str, int]:
+    """Correct samples per problem id at `budget` tokens."""
+    counts: dict[str, int] = {}
+    for r in read_records(samples):
+        counts[r["id"]] = counts.get(r["id"], 0) + bool(r["correct_at_budget"][str(budget)])
+    return counts
+
+
+def comparison(cfg: CompareConfig) -> dict:
+    """Every figure of the report: per run and split, pass@k with CI by budget, paired
+    differences to base and to nll (same resampled problems for every run of a split), and the
+    problems gained and lost against base."""
+    out = Path(cfg.out)
+    runs = [("base", "base", cfg.seeds[0])] + [r for r in method_runs(cfg) if r[1] != "base"]
+    result: dict[str, Any] = {"runs": {name: {"method": m, "seed": s} for name, m, s in runs}, "splits": {}}
+    for split in cfg.splits:
+        found = {}
+        for name, _, _ in runs:
+            files = eval_files(RunFolder(out / name).eval(split))
+            if files["summary"].exists():
+                found[name] = (json.loads(files["summary"].read_text()), files["samples"])
+        if "base" not in found:
+            continue
+        base_summary = found["base"][0]
+        ids = list(base_summary["per_problem_correct"])
+        n, ks, budgets = base_summary["n"], base_summary["ks"], base_summary["budgets"]
+        idx = resample_indices(len(ids), seed=0)
+        per: dict[str, dict] = {}
+        for name, (summary, samples) in found.items():
+            if list(summary["per_problem_correct"]) != ids or summary["n"] != n:
+                raise ValueError(f"{samples.parent}: evaluated on other problems or another n than base; "
+                                 "a comparison needs the same problems and samples for every method")
+            per[name] = {"summary": summary, "counts": {b: _counts(samples, b) for b in budgets}}
+        table: dict[str, Any] = {}
+        for name, data in per.items():
+            entry: dict[str, Any] = {"by_budget": data["summary"]["by_budget"], "vs": {}}
+            for ref in ("base", "nll"):
+                if ref not in per or ref == name:
+                    continue
+                entry["vs"][ref] = {str(b): {str(k): paired_difference(
+                    per_problem_pass([data["counts"][b][i] for i in ids], n, k),
+                    per_problem_pass([per[ref]["counts"][b][i] for i in ids], n, k), idx) for k in ks}
+                    for b in budgets}
+            top = max(budgets)
+            entry["transitions_vs_base"] = transitions([per["base"]["counts"][top][i] for i in ids],
+                                                       [data["counts"][top][i] for i in ids])
+            entry["mean_tokens"] = data["summary"]["mean_tokens"]
+            table[name] = entry
+        result["splits"][split] = {"n_problems": len(ids), "n": n, "ks": ks, "budgets": budgets, "runs": table}
+    return result
+
+
+# ----------------------------------------------------------------------------- report
+
+_SPLIT_TITLES = {"train": "training problems", "near": "near transfer (new instances of training templates)",
+                 "far": "far transfer (held-out templates)", "val": "validation"}
+
+
+def _label(cfg_runs: dict, name: str) -> str:
+    info = cfg_runs[name]
+    label = METHODS[info["method"]]["label"]
+    return label if name == info["method"] else f"{label}, seed {info['seed']}"
+
+
+def _plot_passk(comp: dict, out: Path) -> str:
+    splits = list(comp["splits"])
+    fig = Figure(figsize=(5.2 * len(splits), 4.4), dpi=120, layout="constrained")
+    axes = fig.subplots(1, len(splits), squeeze=False)[0]
+    for ax, split in zip(axes, splits):
+        s = comp["splits"][split]
+        top = str(max(s["budgets"]))
+        for name, entry in s["runs"].items():
+            y = [entry["by_budget"][top]["pass_at_k"][str(k)]["mean"] for k in s["ks"]]
+            ax.plot(s["ks"], y, marker="o", label=_label(comp["runs"], name))
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(s["ks"], [str(k) for k in s["ks"]])
+        ax.set_xlabel("k (samples)")
+        ax.set_ylabel("pass@k")
+        ax.set_title(f"{_SPLIT_TITLES[split]}\n{s['n_problems']} problems, n = {s['n']}, {top} tokens", fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    fig.savefig(out / "compare_passk.png")
+    return "compare_passk.png"
+
+
+def _plot_delta(comp: dict, out: Path) -> str:
+    splits = list(comp["splits"])
+    fig = Figure(figsize=(5.2 * len(splits), 4.4), dpi=120, layout="constrained")
+    axes = fig.subplots(1, len(splits), squeeze=False)[0]
+    for ax, split in zip(axes, splits):
+        s = comp["splits"][split]
+        top, k_lo, k_hi = str(max(s["budgets"])), str(min(s["ks"])), str(max(s["ks"]))
+        names = [n for n in s["runs"] if n != "base"]
+        x = np.arange(len(names))
+        for j, (k, color) in enumerate(((k_lo, "tab:blue"), (k_hi, "tab:orange"))):
+            d = [s["runs"][n]["vs"]["base"][top][k] for n in names]
+            mean = np.array([e["mean"] for e in d])
+            err = np.array([[e["mean"] - e["ci_low"] for e in d], [e["ci_high"] - e["mean"] for e in d]])
+            ax.bar(x + (j - 0.5) * 0.38, mean, 0.38, yerr=err, capsize=3, color=color, label=f"pass@{k}")
+        ax.axhline(0, color="black", lw=0.8)
+        ax.set_xticks(x, [n for n in names], rotation=30, ha="right", fontsize=8)
+        ax.set_ylabel("difference to base (paired 95% CI)")
+        ax.set_title(_SPLIT_TITLES[split], fontsize=9)
+        ax.legend(fontsize=8)
+        ax.grid(axis="y", alpha=0.3)
+    fig.savefig(out / "compare_delta_base.png")
+    return "compare_delta_base.png"
+
+
+def _plot_gap(comp: dict, out: Path) -> str | None:
+    held = "far" if "far" in comp["splits"] else ("near" if "near" in comp["splits"] else None)
+    if "train" not in comp["splits"] or held is None:
+        return None
+    tr, te = comp["splits"]["train"], comp["splits"][held]
+    k, top = str(max(tr["ks"])), str(max(tr["budgets"]))
+    names = [n for n in tr["runs"] if n in te["runs"]]
+    x = np.arange(len(names))
+    fig = Figure(figsize=(max(6.0, 1.1 * len(names) + 2), 4.4), dpi=120, layout="constrained")
+    ax = fig.subplots()
+    for j, (s, label) in enumerate(((tr, "training problems"), (te, _SPLIT_TITLES[held]))):
+        vals = [s["runs"][n]["by_budget"][top]["pass_at_k"][k] for n in names]
+        mean = np.array([v["mean"] for v in vals])
+        err = np.array([[v["mean"] - v["ci_low"] for v in vals], [v["ci_high"] - v["mean"] for v in vals]])
+        ax.bar(x + (j - 0.5) * 0.38, mean, 0.38, yerr=err, capsize=3, label=label)
+    ax.set_xticks(x, names, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel(f"pass@{k} (95% CI)")
+    ax.set_title("train versus held-out, per method", fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.savefig(out / "compare_gap.png")
+    return "compare_gap.png"
+
+
+def _plot_budget(comp: dict, out: Path) -> str | None:
+    splits = [s for s in comp["splits"] if len(comp["splits"][s]["budgets"]) > 1]
+    if not splits:
+        return None
+    fig = Figure(figsize=(5.2 * len(splits), 4.4), dpi=120, layout="constrained")
+    axes = fig.subplots(1, len(splits), squeeze=False)[0]
+    for ax, split in zip(axes, splits):
+        s = comp["splits"][split]
+        k = str(max(s["ks"]))
+        for name, entry in s["runs"].items():
+            y = [entry["by_budget"][str(b)]["pass_at_k"][k]["mean"] for b in s["budgets"]]
+            ax.plot(s["budgets"], y, marker="o", label=_label(comp["runs"], name))
+        ax.set_xlabel("token budget")
+        ax.set_ylabel(f"pass@{k}")
+        ax.set_title(_SPLIT_TITLES[split], fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    fig.savefig(out / "compare_budget.png")
+    return "compare_budget.png"
+
+
+def _fmt(e: dict) -> str:
+    return f"{e['mean']:.3f} [{e['ci_low']:.2f}, {e['ci_high']:.2f}]"
+
+
+def _fmt_delta(e: dict) -> str:
+    return f"{e['mean']:+.3f} [{e['ci_low']:+.2f}, {e['ci_high']:+.2f}]"
+
+
+def write_compare_report(cfg: CompareConfig) -> Path:
+    """report.md (table first, sizes stated), comparison.json and the four plots."""
+    out = Path(cfg.out)
+    comp = comparison(cfg)
+    (out / "comparison.json").write_text(json.dumps(comp, indent=2), encoding="utf-8")
+    splits = list(comp["splits"])
+    md = [f"# Comparison: {', '.join(cfg.methods)}", ""]
+    if not splits:
+        md += ["No evaluation finished yet."]
+        (out / "report.md").write_text("\n".join(md), encoding="utf-8")
+        return out / "report.md"
+    first = comp["splits"][splits[0]]
+    k_lo, k_hi, top = str(min(first["ks"])), str(max(first["ks"])), str(max(first["budgets"]))
+    md += [f"Model `{cfg.model.name}`; data `{cfg.data.source}` (split seed {cfg.data.seed}). "
+           + "; ".join(f"{sp}: {comp['splits'][sp]['n_problems']} problems" for sp in splits)
+           + f". n = {first['n']} samples per problem, temperature {cfg.eval.temperature}, "
+             f"{top} new tokens. 95% CIs: bootstrap over problems "
+             f"({BOOTSTRAP_RESAMPLES} resamples); differences are paired (the same resampled "
+             "problems for every method).", ""]
+    header = "| method | " + " | ".join(f"{sp} pass@{k_lo} | {sp} pass@{k_hi}" for sp in splits) + " |"
+    md += ["## pass@k", "", header, "|---|" + "---|---|" * len(splits)]
+    for name in comp["splits"][splits[0]]["runs"]:
+        cells = []
+        for sp in splits:
+            e = comp["splits"][sp]["runs"].get(name)
+            cells += [_fmt(e["by_budget"][top]["pass_at_k"][k]) if e else "–" for k in (k_lo, k_hi)]
+        md.append(f"| {_label(comp['runs'], name)} | " + " | ".join(cells) + " |")
+    md += ["", f"## Difference to base and to NLL (paired, pass@{k_lo} / pass@{k_hi})", "",
+           "| method | split | vs base pass@" + k_lo + " | vs base pass@" + k_hi + " | vs nll pass@" + k_hi
+           + " | unsolved→solved | solved→unsolved |", "|---|---|---|---|---|---|---|"]
+    for name in comp["splits"][splits[0]]["runs"]:
+        if name == "base":
+            continue
+        for sp in splits:
+            e = comp["splits"][sp]["runs"].get(name)
+            if not e:
+                continue
+            vb, vn = e["vs"].get("base", {}).get(top, {}), e["vs"].get("nll", {}).get(top, {})
+            t = e["transitions_vs_base"]
+            md.append(f"| {name} | {sp} | {_fmt_delta(vb[k_lo]) if vb else '–'} | "
+                      f"{_fmt_delta(vb[k_hi]) if vb else '–'} | {_fmt_delta(vn[k_hi]) if vn else '–'} | "
+                      f"{t['unsolved_to_solved']} | {t['solved_to_unsolved']} |")
+    seeded = [m for m in cfg.seed_methods if m in cfg.methods]
+    if len(cfg.seeds) > 1 and seeded:
+        md += ["", "## Training-seed variation", "", "| method | split | " +
+               " | ".join(f"seed {s} pass@{k_hi}" for s in cfg.seeds) + " | spread |", "|---|---|" + "---|" * (len(cfg.seeds) + 1)]
+        for m in seeded:
+            for sp in splits:
+                vals = [comp["splits"][sp]["runs"].get(f"{m}-s{s}") for s in cfg.seeds]
+                if not all(vals):
+                    continue
+                v = [x["by_budget"][top]["pass_at_k"][k_hi]["mean"] for x in vals]
+                md.append(f"| {m} | {sp} | " + " | ".join(f"{x:.3f}" for x in v) + f" | {max(v) - min(v):.3f} |")
+    if cfg.chosen:
+        md += ["", "## Chosen on the validation split", ""] + [f"- `{k}`: {v}" for k, v in cfg.chosen.items()]
+    md += ["", "## Plots", ""]
+    for png in filter(None, (_plot_passk(comp, out), _plot_delta(comp, out), _plot_gap(comp, out),
+                             _plot_budget(comp, out))):
+        md += [f"![{png[:-4]}]({png})", ""]
+    synth_stats = []
+    for mode in ("mixed", "direct", "star"):
+        stats = synth_files(shared_synth(out, mode))["stats"]
+        if stats.exists():
+            st = json.loads(stats.read_text())
+            synth_stats.append(f"| {mode} | {st.get('trajectories', '–')} | {st.get('kept', '–')} | "
+                               f"{st.get('correct', '–')}/{st.get('graded', '–')} | "
+                               f"{st.get('student_token_fraction', '–')} |")
+    if synth_stats:
+        md += ["## Synthetic sets", "", "| mode | trajectories | kept for training | correct / graded | "
+               "student-token share |", "|---|---|---|---|---|", *synth_stats, ""]
+    timings = out / "timings.json"
+    if timings.exists():
+        t = json.loads(timings.read_text())
+        md += ["## Wall time per stage", "", "| stage | seconds |", "|---|---|",
+               *[f"| {k} | {v:.0f} |" for k, v in t.items()], f"| total | {sum(t.values()):.0f} |", ""]
+    (out / "report.md").write_text("\n".join(md), encoding="utf-8")
+    return out / "report.md"

@@ -1,0 +1,109 @@
+"""`dail compare` and `dail sweep` on the tiny model; the paired statistics against hand computations."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from dail.cli import main
+from dail.compare import method_runs, split_data
+from dail.config import CompareConfig, ConfigError, build
+from dail.data import load_examples
+from dail.stats import paired_difference, per_problem_pass, resample_indices, transitions
+
+
+def test_paired_difference_by_hand():
+    a, b = np.array([1.0, 0.5, 0.0]), np.array([0.0, 0.5, 0.5])  # differences 1, 0, -0.5
+    idx = np.array([[0, 1, 2], [0, 0, 0], [2, 2, 1], [1, 1, 1]])
+    # resampled mean differences: (1+0-0.5)/3 = 1/6, 1, (-0.5-0.5+0)/3 = -1/3, 0
+    d = paired_difference(a, b, idx, confidence=0.5)  # quartiles of {-1/3, 0, 1/6, 1}
+    assert d["mean"] == pytest.approx(0.5 / 3)
+    assert d["ci_low"] == pytest.approx(np.quantile([-1 / 3, 0, 1 / 6, 1], 0.25))
+    assert d["ci_high"] == pytest.approx(np.quantile([-1 / 3, 0, 1 / 6, 1], 0.75))
+    # The same index sets serve every method: a method equal to b differs by exactly 0.
+    assert paired_difference(b, b, idx) == {"mean": 0.0, "ci_low": 0.0, "ci_high": 0.0}
+
+
+def test_resampling_is_shared_and_seeded():
+    assert (resample_indices(5, 10, seed=3) == resample_indices(5, 10, seed=3)).all()
+    assert resample_indices(5, 10, seed=3).shape == (10, 5)
+
+
+def test_per_problem_pass_and_transitions():
+    assert per_problem_pass([0, 2, 4], 4, 2).tolist() == pytest.approx([0.0, 1 - 1 / 6, 1.0])
+    assert transitions([0, 0, 3, 1], [2, 0, 0, 1]) == {"unsolved_to_solved": 1, "solved_to_unsolved": 1}
+
+
+def test_splits_are_cut_by_one_rule():
+    cfg = CompareConfig()
+    ids = {s: [e.meta["template"] for e in load_examples(split_data(cfg, s))] for s in ("train", "near", "far", "val")}
+    assert ids["near"] == ids["train"]  # the same templates, new instances
+    assert not set(ids["train"]) & set(ids["far"]) and not set(ids["train"]) & set(ids["val"])
+    assert not set(ids["val"]) & set(ids["far"])
+    near = load_examples(split_data(cfg, "near"))
+    assert sum(a.problem != b.problem for a, b in zip(load_examples(cfg.data), near)) >= len(near) - 2
+
+
+def test_compare_config_refuses_what_it_sets_itself():
+    with pytest.raises(ConfigError, match="'methods': unknown"):
+        build(CompareConfig, None, {"methods": "base,ppo"})
+    with pytest.raises(SystemExit):
+        main(["compare", "--train.loss", "nll"])
+    runs = method_runs(build(CompareConfig, None, {"methods": "base,sft,dail", "seeds": "0,1"}))
+    assert runs == [("base", "base", 0), ("sft", "sft", 0), ("dail-s0", "dail", 0), ("dail-s1", "dail", 1)]
+
+
+def test_compare_tiny_end_to_end_and_resume(tiny_dir, tmp_path):
+    out = tmp_path / "cmp"
+    argv = ["compare", "--out", str(out), "--model.name", str(tiny_dir), "--model.device", "cpu",
+            "--data.limit", "2", "--test_limit", "2", "--methods", "base,sft,nll,dail", "--seeds", "0,1",
+            "--seed_methods", "dail", "--splits", "train,near,far",
+            "--synth.max_new_tokens", "8", "--synth.samples_per_problem", "1",
+            "--train.epochs", "1", "--train.batch_size", "2", "--train.micro_batch_size", "1",
+            "--train.report_to", "none", "--train.max_length", "4096",
+            "--eval.n", "2", "--eval.ks", "1,2", "--eval.max_new_tokens", "8", "--eval.budgets", "4,8"]
+    assert main(argv) == 0
+    # Ordinary run folders: one per method (and seed), the base once, the mixed set shared.
+    for name in ("sft", "nll", "dail-s0", "dail-s1"):
+        assert (out / name / "train" / "adapter" / "adapter_config.json").exists()
+        for split in ("train", "near", "far"):
+            assert (out / name / "eval" / split / "summary.json").exists()
+    assert sorted(p.name for p in (out / "data").iterdir()) == ["mixed"]
+    assert not (out / "base" / "train").exists()
+    comp = json.loads((out / "comparison.json").read_text())
+    far = comp["splits"]["far"]
+    assert far["n_problems"] == 2 and set(far["runs"]) == {"base", "sft", "nll", "dail-s0", "dail-s1"}
+    assert set(far["runs"]["dail-s0"]["vs"]) == {"base", "nll"} and "vs" in far["runs"]["base"]
+    # The paired difference equals a hand computation from the two summaries' per-problem counts.
+    base = json.loads((out / "base" / "eval" / "far" / "summary.json").read_text())
+    sft = json.loads((out / "sft" / "eval" / "far" / "summary.json").read_text())
+    ids = list(base["per_problem_correct"])
+    want = np.mean(per_problem_pass([sft["per_problem_correct"][i] for i in ids], 2, 1)
+                   - per_problem_pass([base["per_problem_correct"][i] for i in ids], 2, 1))
+    assert far["runs"]["sft"]["vs"]["base"]["8"]["1"]["mean"] == pytest.approx(want)
+    report = (out / "report.md").read_text()
+    assert report.index("## pass@k") < report.index("## Plots") and "Training-seed variation" in report
+    for png in ("compare_passk.png", "compare_delta_base.png", "compare_gap.png", "compare_budget.png"):
+        assert (out / png).stat().st_size > 10_000
+    # A rerun resumes: nothing is resampled or retrained.
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.suffix in (".jsonl", ".safetensors")}
+    assert main(argv) == 0
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+
+
+def test_sweep_tiny(tiny_dir, tmp_path):
+    out = tmp_path / "sweep"
+    assert main(["sweep", "--out", str(out), "--model.name", str(tiny_dir), "--model.device", "cpu",
+                 "--data.limit", "2", "--val_limit", "2", "--taus", "0,2", "--gammas", "0,0.5",
+                 "--synth.max_new_tokens", "6", "--synth.samples_per_problem", "1",
+                 "--train.epochs", "1", "--train.batch_size", "2", "--train.micro_batch_size", "1",
+                 "--train.report_to", "none", "--train.max_length", "4096",
+                 "--eval.n", "2", "--eval.ks", "1,2", "--eval.max_new_tokens", "6"]) == 0
+    result = json.loads((out / "sweep.json").read_text())
+    assert len(result["pass_at_k"]) == 2 and all(v is not None for row in result["pass_at_k"] for v in row)
+    # tau 0 is the pure student, tau 2 the pure teacher.
+    assert result["synthesis"]["0"]["student_token_fraction"] == 1.0
+    assert result["synthesis"]["2"]["student_token_fraction"] == 0.0
+    assert (out / "sweep_heatmap.png").exists() and (out / "sweep_tau.png").exists()

@@ -13,6 +13,7 @@ import torch
 
 from dail.config import ConfigError, DataConfig, ModelConfig, TrainConfig
 from dail.prompts import end_of_turn_ids
+from dail.training import train
 
 PROBLEMS = [
     ("Tom has 3 apples and buys 4 more. How many apples does he have?", "3+4=7. #### 7", "x = 3 + 4 = 7 \\boxed{7}"),
@@ -286,7 +287,7 @@ def test_resume_equals_uninterrupted(tiny_dir, synth, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         training.train(_cfg(tiny_dir, synth, part, epochs=3, save_every=2))
     monkeypatch.setattr(training, "batch_loss", real)
-    assert torch.load(part / "checkpoint" / "state.pt", weights_only=False)["step"] == 2
+    assert torch.load(part / "checkpoint" / "state.pt", weights_only=True)["step"] == 2
     # ... then resumed.
     resumed = training.train(_cfg(tiny_dir, synth, part, epochs=3, save_every=2, resume=True))
     a, b = _adapter_weights(full), _adapter_weights(resumed)
@@ -326,7 +327,7 @@ def test_non_finite_loss_stops_and_keeps_checkpoint(tiny_dir, synth, tmp_path, m
     out = tmp_path / "run"
     with pytest.raises(RuntimeError, match=r"step 3: loss is nan .*last good checkpoint is .*checkpoint"):
         training.train(_cfg(tiny_dir, synth, out, epochs=4, save_every=2))
-    state = torch.load(out / "checkpoint" / "state.pt", weights_only=False)
+    state = torch.load(out / "checkpoint" / "state.pt", weights_only=True)
     assert state["step"] == 2
     weights = _adapter_weights(out / "checkpoint" / "adapter")
     assert all(torch.isfinite(v).all() for v in weights.values())
@@ -492,3 +493,55 @@ def test_contrastive_forward_trains(tiny_dir, synth, tmp_path):
         assert r["loss"] == pytest.approx(r["kl_teacher"] - 0.2 * r["kl_negative"], rel=1e-4, abs=1e-5)
     train(_cfg(tiny_dir, synth, tmp_path / "rev", max_steps=1))  # the same first step, reverse direction
     assert rows[0]["kl_teacher"] != pytest.approx(_metrics(tmp_path / "rev")[0]["kl_teacher"], rel=1e-3)
+
+
+# ----------------------------------------------------------------------------- a hostile user
+
+def test_training_into_a_finished_run_needs_resume_or_overwrite(tiny_dir, synth, tmp_path):
+    from dail.config import ConfigError
+
+    out = tmp_path / "run"
+    train(_cfg(tiny_dir, synth, out, loss="nll", max_steps=1))
+    before = _adapter_weights(out / "adapter")
+    metrics = (out / "metrics.jsonl").read_text()
+    with pytest.raises(ConfigError, match=r"already holds a training run .*pass --resume to continue it or "
+                                          r"--overwrite to replace it"):
+        train(_cfg(tiny_dir, synth, out, loss="nll", max_steps=1, lr=1e-3))
+    assert (out / "metrics.jsonl").read_text() == metrics  # nothing was replaced
+    assert all(torch.equal(before[k], v) for k, v in _adapter_weights(out / "adapter").items())
+    train(_cfg(tiny_dir, synth, out, loss="nll", max_steps=1, lr=1e-3, overwrite=True))
+    assert not all(torch.equal(before[k], v) for k, v in _adapter_weights(out / "adapter").items())
+
+
+def test_a_second_training_on_one_folder_is_refused(tiny_dir, synth, tmp_path):
+    from dail.layout import train_files
+    from dail.lock import LockError, output_lock
+
+    out = tmp_path / "run"
+    with output_lock(train_files(out)["lock"], "held"):
+        with pytest.raises(LockError, match=f"training is being written by pid {os.getpid()}"):
+            train(_cfg(tiny_dir, synth, out, loss="nll", max_steps=1))
+    assert not (out / "metrics.jsonl").exists()
+
+
+class _Payload:
+    """Unpickling this runs a command (what a crafted checkpoint can do)."""
+
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def test_resume_never_unpickles_objects(tiny_dir, synth, tmp_path, monkeypatch):
+    from dail.config import ConfigError
+
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "run"
+    train(_cfg(tiny_dir, synth, out, loss="nll", max_steps=1, save_every=1))
+    ckpt = out / "checkpoint"
+    assert json.loads((ckpt / "rng0.json").read_text())["torch"]  # RNG states are JSON
+    state = torch.load(ckpt / "state.pt", weights_only=True)  # loads without pickle
+    state["extra"] = _Payload()
+    torch.save(state, ckpt / "state.pt")
+    with pytest.raises(ConfigError, match="state.pt: holds objects other than tensors and plain data"):
+        train(_cfg(tiny_dir, synth, out, loss="nll", max_steps=2, resume=True))
+    assert not (tmp_path / "pwned").exists()

@@ -7,7 +7,8 @@ optimizer and a `LambdaLR` scheduler gets:
 - `save_checkpoint` / `find_checkpoint` / `load_checkpoint` / `resume_from`: `<out>/checkpoint`
   with the adapter, optimizer, scheduler, step and every process's RNG state, written
   atomically, so a killed run resumes at its last checkpoint and continues bit for bit as if
-  never stopped;
+  never stopped. Nothing is ever unpickled: the adapter is safetensors, the optimizer and
+  scheduler state load with `torch.load(weights_only=True)`, and RNG states are JSON;
 - `Logger`: one JSON line per optimizer step in `<out>/metrics.jsonl` (cut back to the
   checkpoint's step on resume), plus TensorBoard or W&B if asked.
 """
@@ -18,6 +19,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import random
 import shutil
 import warnings
@@ -51,18 +53,36 @@ def lr_lambda(warmup_steps: int, scheduler: str, total_steps: int) -> Callable[[
 
 
 def _rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG's state as plain JSON (lists of ints), so a resume never unpickles anything."""
+    version, words, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": [version, list(words), gauss],
+             "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+             "torch": torch.get_rng_state().tolist()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
     return state
 
 
 def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
+    version, words, gauss = state["python"]
+    random.setstate((version, tuple(words), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+
+
+def _load_plain(path: Path) -> Any:
+    """torch.load with weights_only=True: tensors and plain containers only. Anything else in a
+    checkpoint (a pickled object can run code when loaded) is refused."""
+    try:
+        return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ConfigError(f"{path}: holds objects other than tensors and plain data; refusing to load it (a "
+                          f"pickled object can run code). Delete the checkpoint or train without --resume. "
+                          f"({str(e).splitlines()[0]})") from None
 
 
 def save_checkpoint(out: Path, step: int, model: Any, optimizer: Any, scheduler: Any, accelerator: Any) -> None:
@@ -80,7 +100,7 @@ def save_checkpoint(out: Path, step: int, model: Any, optimizer: Any, scheduler:
         torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
                    tmp / "state.pt")
     accelerator.wait_for_everyone()
-    torch.save(_rng_state(), tmp / f"rng{accelerator.process_index}.pt")
+    (tmp / f"rng{accelerator.process_index}.json").write_text(json.dumps(_rng_state()), encoding="utf-8")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / "COMPLETE").write_text(str(step))
@@ -104,16 +124,19 @@ def load_checkpoint(ckpt: Path, model: Any, optimizer: Any, scheduler: Any, acce
     """Restore adapter, optimizer, scheduler and this process's RNG state; return the step."""
     weights = load_file(str(ckpt / "adapter" / "adapter_model.safetensors"))
     set_peft_model_state_dict(accelerator.unwrap_model(model), weights)
-    state = torch.load(ckpt / "state.pt", weights_only=False)
+    state = _load_plain(ckpt / "state.pt")
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     # The schedule follows the *current* config (max_steps may have grown): set this step's lr.
     step = int(state["step"])
     for group, base_lr, f in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
         group["lr"] = base_lr * f(step)
-    rng = ckpt / f"rng{accelerator.process_index}.pt"
+    rng = ckpt / f"rng{accelerator.process_index}.json"
     if rng.exists():
-        _set_rng_state(torch.load(rng, weights_only=False))
+        _set_rng_state(json.loads(rng.read_text(encoding="utf-8")))
+    else:  # written by an older dail as a pickle, which is never loaded
+        log.warning("%s: no RNG state in JSON; resuming with fresh RNG states (the data order does not depend "
+                    "on them)", ckpt)
     return step
 
 

@@ -206,6 +206,8 @@ class TrainConfig:
     save_every: int = _f(50, "Write a resumable checkpoint (adapter, optimizer, scheduler, step, RNG) to "
                          "<out>/checkpoint every this many optimizer steps (0 = only at the end).")
     resume: bool = _f(False, "Continue from <out>/checkpoint if it exists.")
+    overwrite: bool = _f(False, "Replace the training run already in <out> (its adapter, checkpoint and "
+                         "metrics). Without it or resume, a folder that holds one is refused.")
     merge: bool = _f(False, "Also write <out>/merged: the base model with the adapter merged in, plus "
                      "the tokenizer (a plain transformers checkpoint).")
     report_to: str = _f("tensorboard", "Where step metrics go besides the console and metrics.jsonl: "

@@ -68,6 +68,7 @@ def run(cfg: RunConfig) -> Path:
         log.info("stage 2/3: %s already holds a finished adapter; not retraining", cfg.train.out)
     else:
         log.info("stage 2/3: training (%s) -> %s", cfg.train.loss, cfg.train.out)
+        cfg.train.resume = cfg.train.resume or Path(cfg.train.out).exists()  # an interrupted run continues
         adapter = train(cfg.train)
 
     del model  # evaluation of the trained model loads base + adapter fresh

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 import time
 import warnings
 from collections import Counter
@@ -43,6 +44,8 @@ from dail.checkpoint import Logger, find_checkpoint, lr_lambda, resume_from, sav
 from dail.config import ConfigError, TrainConfig, check_resumable, save
 from dail.data import DataError, load_examples
 from dail.landmarks import extract_landmarks
+from dail.layout import train_files
+from dail.lock import output_lock
 from dail.losses import OBJECTIVES, LossSums, chunked_loss
 from dail.models import attach_lora, load_model, load_tokenizer, model_label
 from dail.prompts import (PROMPT_VERSION, end_of_turn_id, negative_messages, render, student_messages,
@@ -177,11 +180,36 @@ def batch_loss(model: Any, batch: Batch, cfg: TrainConfig, refs: tuple[torch.Ten
 
 def train(cfg: TrainConfig) -> Path:
     """Train the LoRA student; returns the adapter folder `<out>/adapter`."""
-    out = Path(cfg.out)
     cpu = cfg.model.device == "cpu" or not torch.cuda.is_available()
     bf16 = not cpu and torch.cuda.is_bf16_supported()
     accelerator = Accelerator(cpu=cpu, mixed_precision="bf16" if bf16 else "no")
+    with output_lock(train_files(cfg.out)["lock"], f"{cfg.out}: training", accelerator.process_index):
+        return _train(cfg, accelerator)
+
+
+def _refuse_to_replace(cfg: TrainConfig, accelerator: Any) -> None:
+    """A run folder that already holds training output is continued (--resume) or replaced
+    (--overwrite), never silently overwritten."""
+    files = train_files(cfg.out)
+    found = [name for name in ("adapter", "checkpoint", "info") if files[name].exists()]
+    if not found or cfg.resume:
+        return
+    if not cfg.overwrite:
+        raise ConfigError(f"{cfg.out}: already holds a training run ({', '.join(files[n].name for n in found)}); "
+                          "pass --resume to continue it or --overwrite to replace it")
+    if accelerator.is_main_process:
+        log.warning("%s: --overwrite: replacing the earlier training run", cfg.out)
+        for name in ("adapter", "checkpoint", "info", "metrics"):
+            path = files[name]
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+        shutil.rmtree(files["checkpoint"].with_name("checkpoint.old"), ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def _train(cfg: TrainConfig, accelerator: Any) -> Path:
+    out = Path(cfg.out)
     world, rank = accelerator.num_processes, accelerator.process_index
+    _refuse_to_replace(cfg, accelerator)
     if cfg.batch_size % (cfg.micro_batch_size * world):
         raise ConfigError(f"config field 'batch_size': {cfg.batch_size} sequences per step must split evenly "
                           f"into micro-batches of {cfg.micro_batch_size} on {world} processes")

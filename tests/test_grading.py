@@ -8,7 +8,8 @@ import time
 import pytest
 
 from dail.answers import boxes, final_answers
-from dail.grading import _POOL, choice_problem, extract_answer, extract_choice, grade_many
+from dail.grading import _POOL, extract_answer, extract_choice, grade_many
+from dail.prompts import choice_problem
 from dail.landmarks import extract_landmarks
 
 # (model text, gold, expected)

@@ -53,9 +53,9 @@ from dail.lock import output_lock
 from dail.records import append_record, merge_shards, read_records
 from dail.decoding import decode, generator_for, sample_seed
 from dail.layout import eval_files
-from dail.grading import choice_problem, extract_answer, extract_choice, grade_many
+from dail.grading import extract_answer, extract_choice, grade_many
 from dail.models import check_adapter, check_source, context_window, load_adapter_for_inference, load_model, load_tokenizer, model_label
-from dail.prompts import PROMPT_VERSION, end_of_turn_ids, render, student_messages
+from dail.prompts import PROMPT_VERSION, choice_problem, end_of_turn_ids, render, student_messages
 
 log = logging.getLogger(__name__)
 

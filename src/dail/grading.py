@@ -25,8 +25,8 @@ replacing a killed worker costs milliseconds, not the ~0.5 s import. It lives un
 exits. A batch travels to it in one message, so grading thousands of samples costs one round
 trip plus the comparisons, spread over up to 4 workers.
 
-Multiple choice (GPQA-style). `choice_problem` shuffles the options with a seed, writes them
-under letters A, B, C, ... and returns the problem text and the gold letter; the grader
+Multiple choice (GPQA-style). `prompts.choice_problem` shuffles the options with a seed, writes
+them under letters A, B, C, ... and returns the problem text and the gold letter; the grader
 extracts the chosen letter by the same rules as above (boxed first, then a final-answer line)
 and compares letters. No sympy is involved, so this runs in the calling process.
 """
@@ -53,10 +53,9 @@ from typing import Any
 
 from dail.answers import Extracted, boxes, final_answers, trim_line_answer
 
-__all__ = ["Extracted", "extract_answer", "normalize", "grade_many", "choice_problem",
-           "extract_choice", "LETTERS"]
+__all__ = ["Extracted", "extract_answer", "normalize", "grade_many", 
+           "extract_choice"]
 
-LETTERS = "ABCDEFGHIJ"
 
 
 # ----------------------------------------------------------------------------- extraction
@@ -358,22 +357,6 @@ def grade_many(preds: list[str], golds: list[str], timeout: float, kind: str = "
 
 
 # ----------------------------------------------------------------------------- multiple choice
-
-def choice_problem(question: str, options: list[str], correct: int, seed: int | str) -> tuple[str, str]:
-    """Shuffle `options` with `seed`, letter them, and return (problem text, gold letter).
-
-    `correct` is the index of the right option in `options` (before shuffling).
-    """
-    if not 2 <= len(options) <= len(LETTERS):
-        raise ValueError(f"choice_problem: need 2..{len(LETTERS)} options, got {len(options)}")
-    order = list(range(len(options)))
-    random.Random(f"dail-choice-{seed}").shuffle(order)
-    lines = [f"{LETTERS[j]}) {options[k].strip()}" for j, k in enumerate(order)]
-    gold = LETTERS[order.index(correct)]
-    text = (f"{question.strip()}\n\n" + "\n".join(lines) +
-            "\n\nAnswer with the letter of the correct option, e.g. \\boxed{A}.")
-    return text, gold
-
 
 _LETTER = re.compile(r"^\(?\s*(?:\\text\{\s*)?([A-J])\s*\}?\s*\)?(?:[.:)\s]|$)")
 

@@ -18,6 +18,10 @@ One more context serves a single method, STaR synthesis (`dail synth --mode star
              "rationalization"). Its samples are stored, and trained on, under the plain
              student context: the hint is never part of a training context.
 
+Multiple-choice benchmarks (GPQA-style) put the options under the question in a seeded order,
+lettered, followed by `CHOICE_INSTRUCTION` (`choice_problem`); that wording is part of the
+student context of such problems and so falls under `PROMPT_VERSION`.
+
 GSM8K calculator annotations (`<<6*2=12>>`) are removed from the solution the teacher sees:
 they are a dataset artefact, and a teacher that copies them would pull trajectories away
 from how the model writes. (The landmark extractor still reads them from the raw solution.)
@@ -32,6 +36,7 @@ does not touch `PROMPT_VERSION`, and outputs that never used it stay comparable.
 
 from __future__ import annotations
 
+import random
 import re
 from typing import Any
 
@@ -112,3 +117,23 @@ def end_of_turn_ids(tokenizer: Any) -> list[int]:
     """Token ids that end an assistant turn when decoding: the template's end-of-turn and EOS."""
     ids = {end_of_turn_id(tokenizer), tokenizer.eos_token_id}
     return sorted(i for i in ids if i is not None)
+
+
+# Multiple choice (GPQA-style benchmarks): the options follow the question, lettered in a seeded order.
+CHOICE_INSTRUCTION = "Answer with the letter of the correct option, e.g. \\boxed{A}."
+CHOICE_LETTERS = "ABCDEFGHIJ"
+
+
+def choice_problem(question: str, options: list[str], correct: int, seed: int | str) -> tuple[str, str]:
+    """Shuffle `options` with `seed`, letter them, and return (problem text, gold letter).
+
+    `correct` is the index of the right option in `options` (before shuffling).
+    """
+    if not 2 <= len(options) <= len(CHOICE_LETTERS):
+        raise ValueError(f"choice_problem: need 2..{len(CHOICE_LETTERS)} options, got {len(options)}")
+    order = list(range(len(options)))
+    random.Random(f"dail-choice-{seed}").shuffle(order)
+    lines = [f"{CHOICE_LETTERS[j]}) {options[k].strip()}" for j, k in enumerate(order)]
+    gold = CHOICE_LETTERS[order.index(correct)]
+    text = f"{question.strip()}\n\n" + "\n".join(lines) + f"\n\n{CHOICE_INSTRUCTION}"
+    return text, gold

@@ -19,6 +19,8 @@ def test_lr_schedule_warms_up_then_decays():
     assert f(10) == pytest.approx(0.0) and f(50) == pytest.approx(0.0)
     const = lr_lambda(warmup_steps=0, scheduler="constant", total_steps=10)
     assert [const(0), const(9)] == [1.0, 1.0]
+    lin = lr_lambda(warmup_steps=2, scheduler="linear", total_steps=10)
+    assert [lin(2), lin(6), lin(10), lin(11)] == pytest.approx([1.0, 0.5, 0.0, 0.0])
 
 
 def test_logger_needs_no_training_config_and_keeps_lines_up_to_the_resume_step(tmp_path):

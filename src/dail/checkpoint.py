@@ -3,7 +3,7 @@
 Nothing here knows the objective. A training loop that uses Accelerate, a PEFT model, a torch
 optimizer and a `LambdaLR` scheduler gets:
 
-- `lr_lambda`: linear warmup, then cosine decay to 0 or a constant rate;
+- `lr_lambda`: linear warmup, then cosine or linear decay to 0, or a constant rate;
 - `save_checkpoint` / `find_checkpoint` / `load_checkpoint` / `resume_from`: `<out>/checkpoint`
   with the adapter, optimizer, scheduler, step and every process's RNG state, written
   atomically, so a killed run resumes at its last checkpoint and continues bit for bit as if
@@ -41,14 +41,16 @@ log = logging.getLogger(__name__)
 
 def lr_lambda(warmup_steps: int, scheduler: str, total_steps: int) -> Callable[[int], float]:
     """The lr multiplier after `step` optimizer steps: linear warmup over `warmup_steps`, then
-    `scheduler` "cosine" (to 0 at `total_steps`) or "constant"."""
+    `scheduler` "cosine" or "linear" (to 0 at `total_steps`) or "constant"."""
     def f(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / (warmup_steps + 1)
         if scheduler == "constant":
             return 1.0
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        if scheduler == "linear":
+            return 1.0 - progress
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
     return f
 
 

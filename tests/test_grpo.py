@@ -21,7 +21,8 @@ pytest.importorskip("datasets")
 import dail.grpo as G  # noqa: E402
 from dail.config import ConfigError, DataConfig, EvalConfig, GRPOConfig, ModelConfig  # noqa: E402
 from dail.data import DataError, Example  # noqa: E402
-from dail.hints import hinted_messages, landmark_hint, read_hints, states_answer  # noqa: E402
+from dail.hints import landmark_hint, read_hints, states_answer  # noqa: E402
+from dail.prompts import hinted_messages  # noqa: E402
 from dail.prompts import render, student_messages  # noqa: E402
 
 # (problem, solution, gold). Landmarks of the solutions: an intermediate result and the answer,

@@ -22,7 +22,7 @@ rows of a problem adjacent) and takes back prompt and completion ids; rewards
 NuRL (`hints` self|landmarks; how hints are collected: `dail.hints`). After the G completions
 of a problem are sampled, the rollout grades them. If all G score 0 (`needs_hint`) and the
 problem has a hint, completions 2..G are dropped and sampled again from the hinted prompt
-(`plan_hints`, `hints.hinted_messages`); the first stays plain. TRL then scores all G and
+(`plan_hints`, `prompts.hinted_messages`); the first stays plain. TRL then scores all G and
 computes the group's advantage over the mix.
 
 Which prompt the hinted completions train under: the hinted one, as in NuRL. The rollout
@@ -75,7 +75,8 @@ from dail.config import ConfigError, DataConfig, GRPOConfig, check_resumable, sa
 from dail.data import DataError, Example, load_benchmark, load_examples
 from dail.decoding import decode, generator_for
 from dail.grading import grade_many
-from dail.hints import HINT_PROMPT_VERSION, collect_hints, hinted_messages, read_hints, usable_hints
+from dail.hints import collect_hints, read_hints, usable_hints
+from dail.prompts import HINT_PROMPT_VERSION, hinted_messages
 from dail.layout import finished_adapter, grpo_files
 from dail.lock import output_lock
 from dail.models import attach_lora, check_source, context_window, load_model, load_tokenizer, model_label

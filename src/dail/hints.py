@@ -24,8 +24,9 @@ it stays in the file with `states_answer: true`, to be edited. The check runs ag
 load, so a fixed hint is used on the next run. NuRL asks the model not to reveal the answer;
 the string check is ours.
 
-The wordings below serve NuRL alone, so they have their own version (`HINT_PROMPT_VERSION`,
-saved in each record), following `dail.prompts`' rule for single-method prompts.
+The wordings (`dail.prompts`: `hinted_messages`, `hint_explain_messages`, `hint_request_messages`)
+serve NuRL alone, so they have their own version (`HINT_PROMPT_VERSION`, saved in each record),
+following `dail.prompts`' rule for single-method prompts.
 """
 
 from __future__ import annotations
@@ -43,40 +44,14 @@ from dail.data import DataError, Example
 from dail.decoding import decode, generator_for
 from dail.grading import normalize
 from dail.landmarks import extract_landmarks
-from dail.prompts import end_of_turn_ids, render, student_messages
+from dail.prompts import (HINT_PROMPT_VERSION, end_of_turn_ids, hint_explain_messages, hint_request_messages,
+                          hinted_messages, render)
 from dail.records import append_record, merge_shards, read_records
 
-__all__ = ["HINT_PROMPT_VERSION", "hinted_messages", "states_answer", "landmark_hint", "read_hints",
+__all__ = ["states_answer", "landmark_hint", "read_hints",
            "usable_hints", "collect_hints"]
 
 log = logging.getLogger(__name__)
-
-# TODO(lead): move to prompts.py (hinted_messages, HINT_EXPLAIN, HINT_REQUEST, HINT_PROMPT_VERSION).
-HINT_PROMPT_VERSION = "dail-nurl-hints-v1"
-
-HINT_EXPLAIN = ("Here is a problem and its correct final answer. Explain step by step how to reach that "
-                "answer.\n\nProblem: {problem}\n\nCorrect final answer: {answer}")
-HINT_REQUEST = ("Now write one short hint, one or two sentences, for a student who is stuck on this problem. "
-                "Point to the key idea or the first step in general terms. Do not state the final answer or "
-                "any number that gives it away. Reply with the hint only.")
-HINT_LINE = "Hint: {hint}"
-
-
-def hinted_messages(problem: str, hint: str) -> list[dict]:
-    """The student context with the hint after the problem (training rollouts only). It starts
-    with exactly the student context's text, so plain and hinted prompts differ only by the hint."""
-    (msg,) = student_messages(problem)
-    return [{"role": "user", "content": msg["content"] + "\n\n" + HINT_LINE.format(hint=hint.strip())}]
-
-
-def _explain_messages(problem: str, answer: str) -> list[dict]:
-    return [{"role": "user", "content": HINT_EXPLAIN.format(problem=problem.strip(), answer=answer.strip())}]
-
-
-def _request_messages(problem: str, answer: str, reasoning: str) -> list[dict]:
-    return _explain_messages(problem, answer) + [{"role": "assistant", "content": reasoning.strip()},
-                                                 {"role": "user", "content": HINT_REQUEST}]
-
 
 def states_answer(hint: str, answer: str) -> bool:
     """Whether `hint` states the gold `answer`: it appears as a standalone token (as written, or
@@ -201,8 +176,8 @@ def _self_hints(batch: list[Example], model: Any, tok: Any, max_new_tokens: int,
                          temperature=0.0)
         return [tok.decode(d.tokens, skip_special_tokens=True).strip() for d in out]
 
-    reasoning = greedy([render(tok, _explain_messages(ex.problem, ex.answer)) for ex in batch], max_new_tokens, 0)
-    hints = greedy([render(tok, _request_messages(ex.problem, ex.answer, r)) for ex, r in zip(batch, reasoning)],
+    reasoning = greedy([render(tok, hint_explain_messages(ex.problem, ex.answer)) for ex in batch], max_new_tokens, 0)
+    hints = greedy([render(tok, hint_request_messages(ex.problem, ex.answer, r)) for ex, r in zip(batch, reasoning)],
                    hint_tokens, 1)
     hints = [re.sub(r"^\s*\**hint\**\s*[:：]\s*", "", h, flags=re.IGNORECASE).strip() for h in hints]
     return [{"id": ex.id, "hint": h or None, "source": "self", "reasoning": r}

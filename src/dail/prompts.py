@@ -18,6 +18,10 @@ One more context serves a single method, STaR synthesis (`dail synth --mode star
              "rationalization"). Its samples are stored, and trained on, under the plain
              student context: the hint is never part of a training context.
 
+And three serve NuRL (`dail grpo --hints self`, `dail.hints`), under `HINT_PROMPT_VERSION`:
+hint_explain / hint_request (the base model explains the gold answer, then writes a short
+hint) and hinted (the student context with the hint after the problem; GRPO rollouts only).
+
 Multiple-choice benchmarks (GPQA-style) put the options under the question in a seeded order,
 lettered, followed by `CHOICE_INSTRUCTION` (`choice_problem`); that wording is part of the
 student context of such problems and so falls under `PROMPT_VERSION`.
@@ -137,3 +141,31 @@ def choice_problem(question: str, options: list[str], correct: int, seed: int | 
     gold = CHOICE_LETTERS[order.index(correct)]
     text = f"{question.strip()}\n\n" + "\n".join(lines) + f"\n\n{CHOICE_INSTRUCTION}"
     return text, gold
+
+
+# NuRL hints (`dail grpo --hints self`): collected by the base model from the problem and its gold
+# answer, then shown after the problem in training rollouts of all-zero groups (dail.hints).
+HINT_PROMPT_VERSION = "dail-nurl-hints-v1"
+
+HINT_EXPLAIN = ("Here is a problem and its correct final answer. Explain step by step how to reach that "
+                "answer.\n\nProblem: {problem}\n\nCorrect final answer: {answer}")
+HINT_REQUEST = ("Now write one short hint, one or two sentences, for a student who is stuck on this problem. "
+                "Point to the key idea or the first step in general terms. Do not state the final answer or "
+                "any number that gives it away. Reply with the hint only.")
+HINT_LINE = "Hint: {hint}"
+
+
+def hinted_messages(problem: str, hint: str) -> list[dict]:
+    """The student context with the hint after the problem (training rollouts only). It starts
+    with exactly the student context's text, so plain and hinted prompts differ only by the hint."""
+    (msg,) = student_messages(problem)
+    return [{"role": "user", "content": msg["content"] + "\n\n" + HINT_LINE.format(hint=hint.strip())}]
+
+
+def hint_explain_messages(problem: str, answer: str) -> list[dict]:
+    return [{"role": "user", "content": HINT_EXPLAIN.format(problem=problem.strip(), answer=answer.strip())}]
+
+
+def hint_request_messages(problem: str, answer: str, reasoning: str) -> list[dict]:
+    return hint_explain_messages(problem, answer) + [{"role": "assistant", "content": reasoning.strip()},
+                                                 {"role": "user", "content": HINT_REQUEST}]

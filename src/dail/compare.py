@@ -226,10 +226,15 @@ def _label(cfg_runs: dict, name: str) -> str:
     return label if name == info["method"] else f"{label}, seed {info['seed']}"
 
 
+def _panels(n: int) -> tuple[Figure, Any]:
+    """A figure with one panel per split, side by side."""
+    fig = Figure(figsize=(5.2 * n, 4.4), dpi=120, layout="constrained")
+    return fig, fig.subplots(1, n, squeeze=False)[0]
+
+
 def _plot_passk(comp: dict, out: Path) -> str:
     splits = list(comp["splits"])
-    fig = Figure(figsize=(5.2 * len(splits), 4.4), dpi=120, layout="constrained")
-    axes = fig.subplots(1, len(splits), squeeze=False)[0]
+    fig, axes = _panels(len(splits))
     for ax, split in zip(axes, splits):
         s = comp["splits"][split]
         top = str(max(s["budgets"]))
@@ -249,8 +254,7 @@ def _plot_passk(comp: dict, out: Path) -> str:
 
 def _plot_delta(comp: dict, out: Path) -> str:
     splits = list(comp["splits"])
-    fig = Figure(figsize=(5.2 * len(splits), 4.4), dpi=120, layout="constrained")
-    axes = fig.subplots(1, len(splits), squeeze=False)[0]
+    fig, axes = _panels(len(splits))
     for ax, split in zip(axes, splits):
         s = comp["splits"][split]
         top, k_lo, k_hi = str(max(s["budgets"])), str(min(s["ks"])), str(max(s["ks"]))
@@ -299,8 +303,7 @@ def _plot_budget(comp: dict, out: Path) -> str | None:
     splits = [s for s in comp["splits"] if len(comp["splits"][s]["budgets"]) > 1]
     if not splits:
         return None
-    fig = Figure(figsize=(5.2 * len(splits), 4.4), dpi=120, layout="constrained")
-    axes = fig.subplots(1, len(splits), squeeze=False)[0]
+    fig, axes = _panels(len(splits))
     for ax, split in zip(axes, splits):
         s = comp["splits"][split]
         k = str(max(s["ks"]))

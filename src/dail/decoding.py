@@ -27,10 +27,12 @@ the teacher's temperature-1, full-vocabulary probability, as the paper specifies
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from transformers import DynamicCache
 
 from dail.padding import cache_kv, plain_cache, stack_caches
 
@@ -81,8 +83,6 @@ def _left_pad(seqs: list[list[int]], pad_id: int, device: torch.device) -> tuple
 
 def _prefill_rows(model: Any, prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, Any, torch.Tensor, torch.Tensor]:
     """One left-padded prefill forward: (last logits (R, V), cache, mask (R, L), next position (R,))."""
-    from transformers import DynamicCache
-
     device = next(model.parameters()).device
     ids, mask = _left_pad(prompts, pad_id, device)
     pos = (mask.cumsum(-1) - 1).clamp_(min=0)
@@ -238,8 +238,6 @@ def sample_seed(run_seed: int, problem_id: str, sample_index: int) -> int:
     It does not depend on batch composition, process rank or order, so a record can be
     regenerated alone and sharded runs match single-process runs.
     """
-    import hashlib
-
     digest = hashlib.sha256(f"{run_seed}\x00{problem_id}\x00{sample_index}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 

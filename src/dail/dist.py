@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Callable, Sequence, TypeVar
+from typing import Any, Sequence, TypeVar
+
+import torch
+from accelerate import PartialState
 
 T = TypeVar("T")
 
@@ -23,9 +26,6 @@ def state() -> Any:
     otherwise every process of `accelerate launch --multi_gpu --num_processes N` believes it is
     alone.
     """
-    import torch
-    from accelerate import PartialState
-
     return PartialState(cpu=not torch.cuda.is_available())
 
 

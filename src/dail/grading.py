@@ -38,7 +38,6 @@ import ctypes
 import logging
 import multiprocessing
 import os
-import random
 import re
 import signal
 import subprocess

@@ -68,6 +68,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 from transformers import TrainerCallback
+from transformers.trainer_utils import get_last_checkpoint
 
 from dail import dist
 from dail.checkpoint import Logger
@@ -76,11 +77,10 @@ from dail.data import DataError, Example, load_benchmark, load_examples
 from dail.decoding import decode, generator_for
 from dail.grading import grade_many
 from dail.hints import collect_hints, read_hints, usable_hints
-from dail.prompts import HINT_PROMPT_VERSION, hinted_messages
-from dail.layout import finished_adapter, grpo_files
+from dail.layout import RunFolder, finished_adapter, grpo_files
 from dail.lock import output_lock
 from dail.models import attach_lora, check_source, context_window, load_model, load_tokenizer, model_label
-from dail.prompts import PROMPT_VERSION, end_of_turn_ids, render, student_messages
+from dail.prompts import HINT_PROMPT_VERSION, PROMPT_VERSION, end_of_turn_ids, hinted_messages, render, student_messages
 
 __all__ = ["train_grpo", "needs_hint", "plan_hints", "make_reward", "Rollout", "load_train_problems",
            "config_for_compare"]
@@ -283,8 +283,6 @@ def load_train_problems(data: DataConfig) -> list[Example]:
 
 def _last_checkpoint(folder: Path) -> Path | None:
     """TRL's last `checkpoint-N` folder under `folder` (transformers' own rule), or None."""
-    from transformers.trainer_utils import get_last_checkpoint
-
     last = get_last_checkpoint(str(folder)) if folder.is_dir() else None
     return Path(last) if last else None
 
@@ -442,7 +440,5 @@ def _train(cfg: GRPOConfig, files: dict[str, Path], hints_path: Path, problems: 
 def config_for_compare(cfg: Any, method: str, seed: int, folder: Path) -> GRPOConfig:
     """The GRPOConfig of a `dail compare` method (grpo, or nurl: GRPO with self hints), trained into
     `<folder>/train` on the comparison's model and training problems; an interrupted run resumes."""
-    from dail.layout import RunFolder
-
     return GRPOConfig(model=cfg.model, data=cfg.data, out=str(RunFolder(Path(folder)).train), seed=seed,
                       hints="self" if method == "nurl" else "none", resume=True)

@@ -45,7 +45,7 @@ from dail.decoding import decode, generator_for
 from dail.grading import normalize
 from dail.landmarks import extract_landmarks
 from dail.prompts import (HINT_PROMPT_VERSION, end_of_turn_ids, hint_explain_messages, hint_request_messages,
-                          hinted_messages, render)
+                          render)
 from dail.records import append_record, merge_shards, read_records
 
 __all__ = ["states_answer", "landmark_hint", "read_hints",

@@ -130,7 +130,7 @@ def write_sweep_report(cfg: SweepConfig) -> Path:
     ax.set_title("synthesis against tau", fontsize=10)
     fig.savefig(out / "sweep_tau.png")
 
-    md = [f"# Sweep: tau × gamma on the validation split", "",
+    md = ["# Sweep: tau × gamma on the validation split", "",
           f"Model `{cfg.model.name}`, {base['n_problems']} validation problems, n = {base['n']}, "
           f"{base['max_new_tokens']} tokens. Base pass@{k}: {result['base']:.3f}.", "",
           "| gamma \\ tau | " + " | ".join(_tag(t) for t in cfg.taus) + " |",

@@ -13,8 +13,8 @@ from transformers.models.llama.modeling_llama import LlamaForCausalLM
 
 def test_transformers_floor_takes_the_cache_argument():
     # The decoding loop and the reference passes call `model(..., cache=...)`. Releases before
-    # 5.24.0 only know `past_key_values=` and would put `cache` into **kwargs unused: every step
-    # would recompute the whole prefix (run once against 5.23.0: the split-prefill test fails).
+    # 5.24.0 only know `past_key_values=` and put `cache` into **kwargs unused, so the cache
+    # stays empty (run once against 5.23.0: 7 of 8 decoding tests and this one fail).
     pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text(encoding="utf-8")
     floor = Version(re.search(r'"transformers>=([\d.]+)', pyproject).group(1))
     assert floor == Version("5.24.0")

@@ -203,3 +203,23 @@ def test_yaml_scientific_notation_is_a_float(tmp_path):
     y.write_text("lr: 1e-3\nweight_decay: 1E-2\n", encoding="utf-8")
     cfg = build(TrainConfig, str(y))
     assert (cfg.lr, cfg.weight_decay) == (1e-3, 1e-2)
+
+
+_NEGATIVE_OK = {"seed", "instance_seed", "near_instance_seed"}  # seeds: any integer is a seed
+
+
+def _all_numeric_fields():
+    from dail.config import CompareConfig, EvalConfig, GRPOConfig, RunConfig, SweepConfig, flag_names
+
+    return [(cls, name) for cls in (SynthConfig, TrainConfig, EvalConfig, GRPOConfig, RunConfig, CompareConfig,
+                                    SweepConfig)
+            for name, (tp, _) in flag_names(cls).items() if tp in (int, float)]
+
+
+@pytest.mark.parametrize("cls, name", _all_numeric_fields(), ids=lambda x: getattr(x, "__name__", x))
+def test_negative_sizes_and_counts_are_refused(cls, name):
+    # `eval --batch_size 0` looped forever and `-3` hung: no size, count or rate may be negative.
+    if name.rsplit(".", 1)[-1] in _NEGATIVE_OK:
+        return
+    with pytest.raises(ConfigError, match=name.rsplit(".", 1)[-1]):
+        build(cls, None, {name: "-1"})

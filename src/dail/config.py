@@ -242,7 +242,8 @@ class TrainConfig:
         _check(bool(self.target_modules) and all(isinstance(m, str) and m for m in self.target_modules),
                "target_modules", f"expected a non-empty list of module names, got {self.target_modules!r}")
         _check(self.lr > 0, "lr", "must be > 0")
-        _check(self.batch_size > 0 and self.micro_batch_size > 0, "batch_size", "must be > 0")
+        _check(self.batch_size > 0, "batch_size", "must be > 0")
+        _check(self.micro_batch_size > 0, "micro_batch_size", "must be > 0")
         _check(self.batch_size % self.micro_batch_size == 0, "batch_size",
                f"must be a multiple of micro_batch_size ({self.micro_batch_size})")
         _check(self.epochs > 0, "epochs", "must be > 0")
@@ -467,7 +468,8 @@ class CompareConfig:
                "split 'val' needs data.val_fraction > 0")
         _check(bool(self.seeds) and all(_is_int(s) for s in self.seeds), "seeds", "expected a list of integers")
         _check(self.data.split == "train", "data.split", "must be train (the other splits are derived)")
-        _check(self.val_limit >= 0 and self.test_limit >= 0, "val_limit", "limits must be >= 0")
+        _check(self.val_limit >= 0, "val_limit", "must be >= 0 (0 = all)")
+        _check(self.test_limit >= 0, "test_limit", "must be >= 0 (0 = all)")
 
 
 @dataclass
@@ -496,6 +498,7 @@ class SweepConfig:
                "gammas", "expected a non-empty list of numbers in [0, 1)")
         _check(self.data.val_fraction > 0, "data.val_fraction", "the sweep scores on the validation split: "
                "set data.val_fraction > 0")
+        _check(self.val_limit >= 0, "val_limit", "must be >= 0 (0 = all)")
 
 
 # ----------------------------------------------------------------------------- building configs

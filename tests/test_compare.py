@@ -52,7 +52,7 @@ def test_compare_config_refuses_what_it_sets_itself():
     with pytest.raises(SystemExit):
         main(["compare", "--train.loss", "nll"])
     runs = method_runs(build(CompareConfig, None, {"methods": "base,sft,dail", "seeds": "0,1"}))
-    assert runs == [("base", "base", 0), ("sft", "sft", 0), ("dail-s0", "dail", 0), ("dail-s1", "dail", 1)]
+    assert runs == [("base", "base", 0), ("sft", "sft", 0), ("dail", "dail", 0), ("dail-s1", "dail", 1)]
 
 
 def test_compare_tiny_end_to_end_and_resume(tiny_dir, tmp_path):
@@ -66,7 +66,7 @@ def test_compare_tiny_end_to_end_and_resume(tiny_dir, tmp_path):
             "--eval.n", "2", "--eval.ks", "1,2", "--eval.max_new_tokens", "8", "--eval.budgets", "4,8"]
     assert main(argv) == 0
     # Ordinary run folders: one per method (and seed), the base once, the mixed set shared.
-    for name in ("sft", "nll", "dail-s0", "dail-s1"):
+    for name in ("sft", "nll", "dail", "dail-s1"):
         assert (out / name / "train" / "adapter" / "adapter_config.json").exists()
         for split in ("train", "near", "far"):
             assert (out / name / "eval" / split / "summary.json").exists()
@@ -74,8 +74,8 @@ def test_compare_tiny_end_to_end_and_resume(tiny_dir, tmp_path):
     assert not (out / "base" / "train").exists()
     comp = json.loads((out / "comparison.json").read_text())
     far = comp["splits"]["far"]
-    assert far["n_problems"] == 2 and set(far["runs"]) == {"base", "sft", "nll", "dail-s0", "dail-s1"}
-    assert set(far["runs"]["dail-s0"]["vs"]) == {"base", "nll"} and "vs" in far["runs"]["base"]
+    assert far["n_problems"] == 2 and set(far["runs"]) == {"base", "sft", "nll", "dail", "dail-s1"}
+    assert set(far["runs"]["dail"]["vs"]) == {"base", "nll"} and "vs" in far["runs"]["base"]
     # The paired difference equals a hand computation from the two summaries' per-problem counts.
     base = json.loads((out / "base" / "eval" / "far" / "summary.json").read_text())
     sft = json.loads((out / "sft" / "eval" / "far" / "summary.json").read_text())

@@ -392,7 +392,7 @@ def test_ref_cache_is_rebuilt_when_the_data_changes_in_place(tiny_dir, tiny_tok,
     data = write_synthetic(tmp_path / "synthetic.jsonl", tiny_tok)
     train(_cfg(tiny_dir, data, tmp_path / "cached", max_steps=1, ref_cache=True))
     write_synthetic(data, tiny_tok, reverse=True)  # the same ids and problems, other trajectories
-    train(_cfg(tiny_dir, data, tmp_path / "cached", max_steps=1, ref_cache=True))
+    train(_cfg(tiny_dir, data, tmp_path / "cached", max_steps=1, ref_cache=True, overwrite=True))
     train(_cfg(tiny_dir, data, tmp_path / "live", max_steps=1))
     cached, live = _metrics(tmp_path / "cached")[0], _metrics(tmp_path / "live")[0]
     for key in ("loss", "kl_teacher", "kl_negative"):

@@ -3,8 +3,9 @@
     <out>/config.yaml                        the CompareConfig (loads back with --config)
     <out>/data/{mixed,direct,star}/          shared synthetic sets (nll and dail share `mixed`)
     <out>/base/eval/<split>/                 the base model, evaluated once per split
-    <out>/<method>[-s<seed>]/train/          an ordinary training folder (adapter/, metrics.jsonl, ...)
-    <out>/<method>[-s<seed>]/eval/<split>/   and its evaluations, so `dail eval` / `dail report` work on it alone
+    <out>/<method>/train/                    an ordinary training folder (adapter/, metrics.jsonl, ...)
+    <out>/<method>/eval/<split>/             and its evaluations, so `dail eval` / `dail report` work on it alone
+    <out>/<method>-s<seed>/                  the same for the other training seeds (seed_methods)
     <out>/comparison.json                    every figure of the report, machine-readable
     <out>/timings.json                       wall seconds of every stage (summed over resumed attempts)
     <out>/report.md, <out>/*.png             the table and the plots
@@ -72,12 +73,12 @@ def split_data(cfg: CompareConfig, split: str) -> DataConfig:
 
 
 def method_runs(cfg: CompareConfig) -> list[tuple[str, str, int]]:
-    """(run name, method, training seed) for every run folder, in config order."""
+    """(run name, method, training seed) for every run folder, in config order. The first seed's
+    run is named after the method alone, so adding seeds later reuses it."""
     runs = []
     for m in cfg.methods:
         seeds = cfg.seeds if (m in cfg.seed_methods and m != "base") else cfg.seeds[:1]
-        for s in seeds:
-            runs.append((m if len(seeds) == 1 else f"{m}-s{s}", m, s))
+        runs += [(m if s == cfg.seeds[0] else f"{m}-s{s}", m, s) for s in seeds]
     return runs
 
 
@@ -216,6 +217,7 @@ def comparison(cfg: CompareConfig) -> dict:
 
 # ----------------------------------------------------------------------------- report
 
+_MARKERS = "osD^vP*X"
 _SPLIT_TITLES = {"train": "training problems", "near": "near transfer (new instances of training templates)",
                  "far": "far transfer (held-out templates)", "val": "validation"}
 
@@ -238,9 +240,15 @@ def _plot_passk(comp: dict, out: Path) -> str:
     for ax, split in zip(axes, splits):
         s = comp["splits"][split]
         top = str(max(s["budgets"]))
-        for name, entry in s["runs"].items():
-            y = [entry["by_budget"][top]["pass_at_k"][str(k)]["mean"] for k in s["ks"]]
-            ax.plot(s["ks"], y, marker="o", label=_label(comp["runs"], name))
+        names = list(s["runs"])
+        for i, name in enumerate(names):
+            y = [s["runs"][name]["by_budget"][top]["pass_at_k"][str(k)]["mean"] for k in s["ks"]]
+            # Methods often tie (at 0 on hard problems): a small sideways dodge and distinct markers
+            # keep every line visible.
+            dodge = 2 ** (0.05 * (i - (len(names) - 1) / 2))
+            ax.plot([k * dodge for k in s["ks"]], y, marker=_MARKERS[i % len(_MARKERS)],
+                    ls="--" if name == "base" else "-", color="black" if name == "base" else None,
+                    label=_label(comp["runs"], name))
         ax.set_xscale("log", base=2)
         ax.set_xticks(s["ks"], [str(k) for k in s["ks"]])
         ax.set_xlabel("k (samples)")
@@ -307,9 +315,15 @@ def _plot_budget(comp: dict, out: Path) -> str | None:
     for ax, split in zip(axes, splits):
         s = comp["splits"][split]
         k = str(max(s["ks"]))
-        for name, entry in s["runs"].items():
-            y = [entry["by_budget"][str(b)]["pass_at_k"][k]["mean"] for b in s["budgets"]]
-            ax.plot(s["budgets"], y, marker="o", label=_label(comp["runs"], name))
+        names = list(s["runs"])
+        for i, name in enumerate(names):
+            y = [s["runs"][name]["by_budget"][str(b)]["pass_at_k"][k]["mean"] for b in s["budgets"]]
+            dodge = 2 ** (0.05 * (i - (len(names) - 1) / 2))
+            ax.plot([b * dodge for b in s["budgets"]], y, marker=_MARKERS[i % len(_MARKERS)],
+                    ls="--" if name == "base" else "-", color="black" if name == "base" else None,
+                    label=_label(comp["runs"], name))
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(s["budgets"], [str(b) for b in s["budgets"]])
         ax.set_xlabel("token budget")
         ax.set_ylabel(f"pass@{k}")
         ax.set_title(_SPLIT_TITLES[split], fontsize=9)
@@ -373,15 +387,16 @@ def write_compare_report(cfg: CompareConfig) -> Path:
     if len(cfg.seeds) > 1 and seeded:
         md += ["", "## Training-seed variation", "", "| method | split | " +
                " | ".join(f"seed {s} pass@{k_hi}" for s in cfg.seeds) + " | spread |", "|---|---|" + "---|" * (len(cfg.seeds) + 1)]
+        names = {(m, s): name for name, m, s in method_runs(cfg)}
         for m in seeded:
             for sp in splits:
-                vals = [comp["splits"][sp]["runs"].get(f"{m}-s{s}") for s in cfg.seeds]
+                vals = [comp["splits"][sp]["runs"].get(names[(m, s)]) for s in cfg.seeds]
                 if not all(vals):
                     continue
                 v = [x["by_budget"][top]["pass_at_k"][k_hi]["mean"] for x in vals]
                 md.append(f"| {m} | {sp} | " + " | ".join(f"{x:.3f}" for x in v) + f" | {max(v) - min(v):.3f} |")
     if cfg.chosen:
-        md += ["", "## Chosen on the validation split", ""] + [f"- `{k}`: {v}" for k, v in cfg.chosen.items()]
+        md += ["", "## What was chosen, and how", ""] + [f"- `{k}`: {v}" for k, v in cfg.chosen.items()]
     md += ["", "## Plots", ""]
     for png in filter(None, (_plot_passk(comp, out), _plot_delta(comp, out), _plot_gap(comp, out),
                              _plot_budget(comp, out))):

@@ -157,9 +157,10 @@ def test_check_resumable_names_the_changed_field(tmp_path):
 
 
 def _numeric_fields():
-    from dail.config import EvalConfig, flag_names
+    from dail.config import CompareConfig, EvalConfig, GRPOConfig, SweepConfig, flag_names
 
-    return [(cls, name, tp) for cls in (SynthConfig, TrainConfig, EvalConfig)
+    return [(cls, name, tp) for cls in (SynthConfig, TrainConfig, EvalConfig, GRPOConfig, RunConfig, CompareConfig,
+                                        SweepConfig)
             for name, (tp, _) in flag_names(cls).items() if tp in (int, float)]
 
 

@@ -266,3 +266,33 @@ def test_grader_processes_die_with_their_caller():
     while time.monotonic() < deadline and any(_alive(p) for p in [server, *workers]):
         time.sleep(0.1)
     assert not any(_alive(p) for p in [server, *workers])  # before: they ran until the batch ended
+
+
+# ----------------------------------------------------------------------------- crashes
+
+def test_eval_killed_then_rerun_counts_every_sample_once(tiny_dir, tmp_path):
+    import signal
+    import time
+
+    bench = tmp_path / "b.jsonl"
+    bench.write_text("".join(json.dumps({"id": f"q{i}", "problem": f"What is {i}+1?", "answer": str(i + 1)}) + "\n"
+                             for i in range(12)), encoding="utf-8")
+    out = tmp_path / "ev"
+    cmd = [sys.executable, "-m", "dail.cli", "eval", "--model.name", str(tiny_dir), "--model.device", "cpu",
+           "--data.source", str(bench), "--out", str(out), "--n", "4", "--ks", "1,4", "--max_new_tokens", "24",
+           "--batch_size", "2", "--temperature", "1.0"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    samples = out / "samples.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not samples.exists() or samples.read_text().count("\n") < 4):
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    partial = samples.read_text().count("\n")
+    assert 4 <= partial < 48, "the run should have been killed midway"
+    # The dead process's lock file is still there; the rerun takes it over and finishes.
+    assert json.loads((out / ".lock").read_text())["pid"] == proc.pid
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    keys = [(r["id"], r["sample_index"]) for r in read_records(samples)]
+    assert len(keys) == len(set(keys)) == 48
+    assert json.loads((out / "summary.json").read_text())["n_samples"] == 48

@@ -234,23 +234,26 @@ def _panels(n: int) -> tuple[Figure, Any]:
     return fig, fig.subplots(1, n, squeeze=False)[0]
 
 
+def _method_lines(ax: Any, comp: dict, split: dict, xs: list[int], value: Any) -> None:
+    """One line per method over `xs` (log2 axis), `value(entry, x)` its height. Methods often tie
+    (at 0 on hard problems): a small sideways dodge and distinct markers keep every line visible."""
+    names = list(split["runs"])
+    for i, name in enumerate(names):
+        dodge = 2 ** (0.05 * (i - (len(names) - 1) / 2))
+        ax.plot([x * dodge for x in xs], [value(split["runs"][name], x) for x in xs],
+                marker=_MARKERS[i % len(_MARKERS)], ls="--" if name == "base" else "-",
+                color="black" if name == "base" else None, label=_label(comp["runs"], name))
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(xs, [str(x) for x in xs])
+
+
 def _plot_passk(comp: dict, out: Path) -> str:
     splits = list(comp["splits"])
     fig, axes = _panels(len(splits))
     for ax, split in zip(axes, splits):
         s = comp["splits"][split]
         top = str(max(s["budgets"]))
-        names = list(s["runs"])
-        for i, name in enumerate(names):
-            y = [s["runs"][name]["by_budget"][top]["pass_at_k"][str(k)]["mean"] for k in s["ks"]]
-            # Methods often tie (at 0 on hard problems): a small sideways dodge and distinct markers
-            # keep every line visible.
-            dodge = 2 ** (0.05 * (i - (len(names) - 1) / 2))
-            ax.plot([k * dodge for k in s["ks"]], y, marker=_MARKERS[i % len(_MARKERS)],
-                    ls="--" if name == "base" else "-", color="black" if name == "base" else None,
-                    label=_label(comp["runs"], name))
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(s["ks"], [str(k) for k in s["ks"]])
+        _method_lines(ax, comp, s, s["ks"], lambda e, k: e["by_budget"][top]["pass_at_k"][str(k)]["mean"])
         ax.set_xlabel("k (samples)")
         ax.set_ylabel("pass@k")
         ax.set_title(f"{_SPLIT_TITLES[split]}\n{s['n_problems']} problems, n = {s['n']}, {top} tokens", fontsize=9)
@@ -315,15 +318,7 @@ def _plot_budget(comp: dict, out: Path) -> str | None:
     for ax, split in zip(axes, splits):
         s = comp["splits"][split]
         k = str(max(s["ks"]))
-        names = list(s["runs"])
-        for i, name in enumerate(names):
-            y = [s["runs"][name]["by_budget"][str(b)]["pass_at_k"][k]["mean"] for b in s["budgets"]]
-            dodge = 2 ** (0.05 * (i - (len(names) - 1) / 2))
-            ax.plot([b * dodge for b in s["budgets"]], y, marker=_MARKERS[i % len(_MARKERS)],
-                    ls="--" if name == "base" else "-", color="black" if name == "base" else None,
-                    label=_label(comp["runs"], name))
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(s["budgets"], [str(b) for b in s["budgets"]])
+        _method_lines(ax, comp, s, s["budgets"], lambda e, b: e["by_budget"][str(b)]["pass_at_k"][k]["mean"])
         ax.set_xlabel("token budget")
         ax.set_ylabel(f"pass@{k}")
         ax.set_title(_SPLIT_TITLES[split], fontsize=9)

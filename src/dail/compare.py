@@ -40,7 +40,7 @@ from dail.models import load_adapter_for_inference, load_model, load_tokenizer
 from dail.records import read_records
 from dail.stats import paired_difference, per_problem_pass, resample_indices, transitions
 from dail.synthesis import synthesize
-from dail.training import train
+from dail.training import train_or_reuse
 
 __all__ = ["METHODS", "compare", "split_data", "method_runs", "comparison", "write_compare_report"]
 
@@ -103,7 +103,6 @@ def _train_cfg(cfg: CompareConfig, method: str, seed: int, folder: Path) -> Trai
     synth = METHODS[method]["synth"]
     t.data = str(shared_synth(cfg.out, synth)) if synth else t.data
     t.out = str(RunFolder(folder).train)
-    t.resume = Path(t.out).exists()  # a folder an interrupted run started: continue its checkpoint
     return t
 
 
@@ -150,7 +149,7 @@ def compare(cfg: CompareConfig) -> Path:
                     if METHODS[method]["loss"] == "grpo":
                         adapter = _train_grpo(cfg, method, seed, folder)
                     else:
-                        adapter = train(_train_cfg(cfg, method, seed, folder))
+                        adapter = train_or_reuse(_train_cfg(cfg, method, seed, folder))
             trained = load_adapter_for_inference(load_model(cfg.model), str(adapter))
             for split in cfg.splits:
                 with _timed(timings, f"eval {name} {split}", timings_path):

@@ -23,11 +23,11 @@ from pathlib import Path
 from dail import dist
 from dail.config import DataConfig, EvalConfig, RunConfig, save
 from dail.evaluation import evaluate
-from dail.layout import RunFolder, finished_adapter
+from dail.layout import RunFolder
 from dail.models import load_model, load_tokenizer
 from dail.report import write_report
 from dail.synthesis import synthesize
-from dail.training import train
+from dail.training import train_or_reuse
 
 log = logging.getLogger(__name__)
 
@@ -63,13 +63,8 @@ def run(cfg: RunConfig) -> Path:
         log.info("evaluating the base model on %s problems", split)
         evaluate(_eval_cfg(cfg, data, folder.eval(f"base-{split}"), adapter=""), model, tokenizer, label="base")
 
-    adapter = finished_adapter(cfg.train.out)
-    if adapter is not None:
-        log.info("stage 2/3: %s already holds a finished adapter; not retraining", cfg.train.out)
-    else:
-        log.info("stage 2/3: training (%s) -> %s", cfg.train.loss, cfg.train.out)
-        cfg.train.resume = cfg.train.resume or Path(cfg.train.out).exists()  # an interrupted run continues
-        adapter = train(cfg.train)
+    log.info("stage 2/3: training (%s) -> %s", cfg.train.loss, cfg.train.out)
+    adapter = train_or_reuse(cfg.train)
 
     del model  # evaluation of the trained model loads base + adapter fresh
     for split, data in evals:

@@ -24,11 +24,11 @@ from matplotlib.figure import Figure
 from dail import dist
 from dail.config import EvalConfig, SweepConfig, save
 from dail.evaluation import evaluate
-from dail.layout import RunFolder, eval_files, finished_adapter, shared_synth, synth_files
+from dail.layout import RunFolder, eval_files, shared_synth, synth_files
 from dail.lock import output_lock
 from dail.models import load_adapter_for_inference, load_model, load_tokenizer
 from dail.synthesis import synthesize
-from dail.training import train
+from dail.training import train_or_reuse
 
 __all__ = ["sweep", "write_sweep_report"]
 
@@ -65,13 +65,10 @@ def sweep(cfg: SweepConfig) -> Path:
         for tau in cfg.taus:
             for gamma in cfg.gammas:
                 folder = out / f"tau{_tag(tau)}-gamma{_tag(gamma)}"
-                adapter = finished_adapter(RunFolder(folder).train)
-                if adapter is None:
-                    t = copy.deepcopy(cfg.train)
-                    t.model, t.expert, t.gamma = cfg.model, cfg.data, float(gamma)
-                    t.data, t.out = str(shared_synth(out, f"tau{_tag(tau)}")), str(RunFolder(folder).train)
-                    t.resume = Path(t.out).exists()  # an interrupted run's folder: continue its checkpoint
-                    adapter = train(t)
+                t = copy.deepcopy(cfg.train)
+                t.model, t.expert, t.gamma = cfg.model, cfg.data, float(gamma)
+                t.data, t.out = str(shared_synth(out, f"tau{_tag(tau)}")), str(RunFolder(folder).train)
+                adapter = train_or_reuse(t)
                 trained = load_adapter_for_inference(load_model(cfg.model), str(adapter))
                 evaluate(_eval_cfg(cfg, folder, str(adapter)), trained, tok, label=folder.name)
                 del trained

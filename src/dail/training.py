@@ -44,17 +44,17 @@ from dail.checkpoint import Logger, find_checkpoint, lr_lambda, resume_from, sav
 from dail.config import ConfigError, TrainConfig, check_resumable, save
 from dail.data import DataError, load_examples
 from dail.landmarks import extract_landmarks
-from dail.layout import train_files
+from dail.layout import finished_adapter, train_files
 from dail.lock import output_lock
 from dail.losses import OBJECTIVES, LossSums, chunked_loss
 from dail.models import attach_lora, load_model, load_tokenizer, model_label
 from dail.prompts import (PROMPT_VERSION, end_of_turn_id, negative_messages, render, student_messages,
-                          teacher_messages)
+                          teacher_messages, thinking_on)
 from dail.records import read_records
 from dail.reference import (Batch, Sequence, build_ref_cache, cached_refs, collate, lm_head_params, reference_hidden,
                         role_hidden)
 
-__all__ = ["train", "build_sequences", "epoch_order", "batch_loss"]
+__all__ = ["train", "train_or_reuse", "build_sequences", "epoch_order", "batch_loss"]
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,13 @@ def build_sequences(cfg: TrainConfig, tok: Any) -> list[Sequence]:
         source = cfg.data
         taken: set[str] = set()
         extracted: Counter[str | None] = Counter()  # landmark kind (None: the record's own) -> examples
+        thinking = thinking_on(tok)
         for i, rec in enumerate(_synthetic_records(cfg.data), start=1):
+            # A trajectory written inside a thinking block follows contexts that open one, and only those.
+            if rec.get("thinking") is not None and bool(rec["thinking"]) != thinking:
+                raise DataError(f"{cfg.data}: record {i}: field 'thinking': {rec['thinking']}, but training formats "
+                                f"its contexts with thinking {'on' if thinking else 'off'} (model.thinking "
+                                f"{cfg.model.thinking!r}); set model.thinking as synthesis had it")
             ctx = {"student": render(tok, student_messages(rec["problem"]))}
             if "teacher" in roles:
                 ctx["teacher"] = render(tok, teacher_messages(rec["problem"], rec["solution"]))
@@ -187,6 +193,18 @@ def train(cfg: TrainConfig) -> Path:
         return _train(cfg, accelerator)
 
 
+def train_or_reuse(cfg: TrainConfig) -> Path:
+    """The adapter in `cfg.out` if a finished run is there; otherwise train, continuing the
+    checkpoint of an interrupted run in that folder. What `dail run`, `compare` and `sweep`
+    do for each adapter they need."""
+    adapter = finished_adapter(cfg.out)
+    if adapter is not None:
+        log.info("%s already holds a finished adapter; not retraining", cfg.out)
+        return adapter
+    cfg.resume = cfg.resume or Path(cfg.out).exists()
+    return train(cfg)
+
+
 def _refuse_to_replace(cfg: TrainConfig, accelerator: Any) -> None:
     """A run folder that already holds training output is continued (--resume) or replaced
     (--overwrite), never silently overwritten."""
@@ -226,7 +244,7 @@ def _train(cfg: TrainConfig, accelerator: Any) -> Path:
     tok = load_tokenizer(cfg.model)
     model = load_model(cfg.model, device=accelerator.device)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model = attach_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules)
     model.train()
 

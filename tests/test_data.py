@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -82,7 +83,8 @@ def test_hf_dataset_saved_to_disk_with_field_mapping(tmp_path):
     cfg = DataConfig(source=str(tmp_path / "ds"), fields={"problem": "question", "solution": "worked", "answer": "final"})
     exs = load_examples(cfg)
     assert [(e.id, e.problem, e.solution, e.answer) for e in exs] == [("ds-0", "q1", "s1 = 2", "2"), ("ds-1", "q2", "s2 = 3", "3")]
-    with pytest.raises(DataError, match="field 'problem' is mapped to column 'problem'"):
+    with pytest.raises(DataError, match=r"ds: unknown layout, no problem column \(columns found: question, worked, "
+                                        r"final\).*--data.fields '\{problem: question, solution: <column>\}'"):
         load_examples(DataConfig(source=str(tmp_path / "ds")))
 
 
@@ -118,3 +120,124 @@ def test_gsm_instance_seed_gives_new_instances_of_the_same_templates():
     b = load_examples(DataConfig(source="gsm-symbolic", limit=8, instance_seed=1))
     assert [e.meta["template"] for e in a] == [e.meta["template"] for e in b]
     assert sum(x.problem != y.problem for x, y in zip(a, b)) >= 6  # a few templates have one instance only
+
+
+# ----------------------------------------------------------------------------- released layouts, proofs
+
+FIXTURES = __import__("pathlib").Path(__file__).parent / "fixtures"
+
+
+def _rows(name):
+    return [json.loads(line) for line in (FIXTURES / name).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _parquet(rows, path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+def _saved(rows, path):
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_list(rows).save_to_disk(str(path))
+    return path
+
+
+def test_layouts_are_recognised_by_their_columns():
+    from dail.data import detect_layout
+
+    assert detect_layout(_rows("released_verl.jsonl")[0]) == "verl"
+    assert detect_layout(_rows("released_e1.jsonl")[0]) == "e1"
+    assert detect_layout(["id", "problem", "solution"]) == "dail"
+    assert detect_layout(["id", "problem_id", "problem", "solution"]) == "dail"  # an id column: dail's own
+    assert detect_layout(["question", "answer"]) is None
+
+
+@pytest.mark.parametrize("form", ["jsonl", "parquet", "saved"])
+def test_training_set_layout_loads_without_a_mapping(tmp_path, form):
+    rows = _rows("released_e1.jsonl")
+    source = {"jsonl": lambda: FIXTURES / "released_e1.jsonl", "parquet": lambda: _parquet(rows, tmp_path / "e1.parquet"),
+              "saved": lambda: _saved(rows, tmp_path / "e1")}[form]()
+    exs = load_examples(DataConfig(source=str(source)))
+    assert [e.id for e in exs] == [r["problem_id"] for r in rows]
+    assert [e.problem for e in exs] == [r["problem"] for r in rows]
+    assert [e.solution for e in exs] == [r["solution"] for r in rows]
+    # The answer is the last box of the solution; the proof has none (a valid record without an answer).
+    assert [e.answer for e in exs] == ["27", "16", None]
+    assert all(e.meta["layout"] == "e1" for e in exs)
+
+
+@pytest.mark.parametrize("form", ["jsonl", "parquet", "saved"])
+def test_verl_evaluation_set_loads_for_eval_without_a_mapping(tmp_path, form):
+    from dail.data import load_problems
+
+    rows = _rows("released_verl.jsonl")
+    source = {"jsonl": lambda: FIXTURES / "released_verl.jsonl", "parquet": lambda: _parquet(rows, tmp_path / "v.parquet"),
+              "saved": lambda: _saved(rows, tmp_path / "v")}[form]()
+    exs = load_problems(DataConfig(source=str(source)))
+    assert [e.id for e in exs] == ["0", "1", "2"]
+    assert exs[0].problem == "Find the remainder when $2^{10}$ is divided by $7$."  # the user message, not the system one
+    assert [e.answer for e in exs] == ["2", "9", "20"]  # reward_model.ground_truth
+    assert [e.solution for e in exs] == ["", "", ""]
+    # An evaluation set has no solutions: as an expert set it is refused, saying so.
+    with pytest.raises(DataError, match=r"no solution column \(verl layout.*an evaluation set"):
+        load_examples(DataConfig(source=str(source)))
+
+
+def test_unknown_layout_lists_the_columns_and_the_mapping_that_fixes_it(tmp_path):
+    p = tmp_path / "odd.jsonl"
+    p.write_text(json.dumps({"uid": "a", "question": "1+1?", "worked": "1+1=2", "final_answer": "2"}) + "\n")
+    with pytest.raises(DataError) as err:
+        load_examples(DataConfig(source=str(p)))
+    msg = str(err.value)
+    assert "odd.jsonl: unknown layout" in msg and "columns found: uid, question, worked, final_answer" in msg
+    fix = re.search(r"--data.fields '(\{.*?\})'", msg).group(1)
+    assert fix == "{problem: question, solution: <column>, answer: final_answer}"
+    # The suggested mapping, completed, loads the file; a dotted name reads a nested field.
+    exs = load_examples(DataConfig(source=str(p), fields={"problem": "question", "solution": "worked",
+                                                          "answer": "final_answer", "id": "uid"}))
+    assert [(e.id, e.problem, e.solution, e.answer) for e in exs] == [("a", "1+1?", "1+1=2", "2")]
+    p.write_text(json.dumps({"q": {"text": "1+1?"}, "s": "1+1=2", "meta_id": 5}) + "\n")
+    exs = load_examples(DataConfig(source=str(p), fields={"problem": "q.text", "solution": "s", "id": "meta_id"}))
+    assert [(e.id, e.problem) for e in exs] == [("5", "1+1?")]
+
+
+def test_records_without_an_answer_are_valid_and_an_empty_answer_is_none(tmp_path):
+    p = _write(tmp_path / "proofs.jsonl", [
+        json.dumps({"id": "p1", "problem": "Prove that 2 is prime.", "solution": "Its only divisors are 1 and 2."}),
+        json.dumps({"id": "p2", "problem": "Prove it.", "solution": "Done.", "answer": "  "}),
+    ])
+    assert [e.answer for e in load_jsonl(p)] == [None, None]
+
+
+def test_eval_refuses_a_set_without_answers_naming_the_source_and_an_id(tmp_path):
+    from dail.data import gradable, load_problems
+
+    proofs = [r for r in _rows("released_e1.jsonl") if "boxed" not in r["solution"]]
+    folder = _saved(proofs, tmp_path / "proofs")
+    with pytest.raises(DataError, match=r"proofs: none of its 1 problems has a gold answer \(e.g. id 'usamo-1999-p1'\)"):
+        load_problems(DataConfig(source=str(folder)))
+    # A benchmark file (here the same proofs as JSONL) is refused at the row, naming the problem.
+    _write(tmp_path / "proofs.jsonl", [json.dumps(r) for r in proofs])
+    with pytest.raises(DataError, match=r"proofs.jsonl row 1: field 'answer' \(the solution has no \\boxed\{\}\): "
+                                        r"missing for problem 'usamo-1999-p1'.*proofs"):
+        load_problems(DataConfig(source=str(tmp_path / "proofs.jsonl")))
+    # Where only some lack one, those are left out with a warning naming one.
+    exs = load_examples(DataConfig(source=str(FIXTURES / "released_e1.jsonl")))
+    with pytest.warns(UserWarning, match=r"1 of 3 problems have no gold answer .*'usamo-1999-p1'"):
+        assert [e.id for e in gradable(exs, "src")] == ["1985-AIME-1", "1986-AIME-2"]
+
+
+def test_dail_eval_refuses_proofs_before_sampling(tiny_dir, tmp_path, capsys):
+    from dail.cli import main
+
+    folder = _saved([r for r in _rows("released_e1.jsonl") if "boxed" not in r["solution"]], tmp_path / "proofs")
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "--model.name", str(tiny_dir), "--model.device", "cpu", "--data.source", str(folder),
+              "--out", str(tmp_path / "ev"), "--n", "2", "--ks", "1"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "dail eval: " in err and "none of its 1 problems has a gold answer" in err
+    assert "'usamo-1999-p1'" in err
+    assert not (tmp_path / "ev" / "summary.json").exists() and not (tmp_path / "ev" / "samples.jsonl").exists()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
 
 from dail.decoding import decode, sampling_probs
@@ -132,3 +134,77 @@ def test_plain_sampling_records_the_writers_probabilities(tiny):
             logits = model(torch.tensor([s[0] + r.tokens[:i]])).logits[0, -1]
             assert abs(r.p_teacher[i] - logits.softmax(-1)[t].item()) < 1e-5
             assert abs(r.p_student[i] - (logits / 0.7).softmax(-1)[t].item()) < 1e-5 and r.q[i] == r.p_student[i]
+
+
+# ----------------------------------------------------------------------------- penalties and banned tokens
+
+def test_penalties_match_a_hand_computation():
+    # logits (2, 1, 0.5, 0); token 0 generated 3 times, token 1 once; presence 0.5, frequency 0.25:
+    # penalized logits = (2 - 0.5 - 0.75, 1 - 0.5 - 0.25, 0.5, 0) = (0.75, 0.25, 0.5, 0).
+    import math
+
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0]])
+    counts = torch.tensor([[3.0, 1.0, 0.0, 0.0]])
+    want = [0.75, 0.25, 0.5, 0.0]
+    for temperature in (1.0, 0.5):
+        z = sum(math.exp(w / temperature) for w in want)
+        p = sampling_probs(logits, temperature, 1.0, counts=counts, presence_penalty=0.5, frequency_penalty=0.25)
+        assert torch.allclose(p, torch.tensor([[math.exp(w / temperature) / z for w in want]]), atol=1e-7)
+    # greedy follows the penalized logits: token 0 (2.0) loses to token 2 (0.5) under presence 1.6
+    p = sampling_probs(logits, 0.0, 1.0, counts=counts, presence_penalty=1.6)
+    assert p.argmax().item() == 2
+    # banned tokens get probability 0, also under top-p and greedy
+    p = sampling_probs(logits, 1.0, 0.9, banned=torch.tensor([0]))
+    assert p[0, 0] == 0 and abs(p.sum().item() - 1) < 1e-6
+    assert sampling_probs(logits, 0.0, 1.0, banned=torch.tensor([0, 1])).argmax().item() == 2
+
+
+def test_penalized_decoding_equals_a_step_by_step_reference(tiny):
+    """decode with penalties == recomputing every step from scratch with hand-counted penalties."""
+    model, tok = tiny
+    s = _prompts(tok, PROBLEMS[:2])
+    pres, freq, temp = 1.5, 0.4, 0.8
+    out = decode(model, s, generators=_gens(2, 3), max_new_tokens=10, stop_ids=[2], pad_id=0, temperature=temp,
+                 presence_penalty=pres, frequency_penalty=freq)
+    plain = decode(model, s, generators=_gens(2, 3), max_new_tokens=10, stop_ids=[2], pad_id=0, temperature=temp)
+    assert any(a.tokens != b.tokens for a, b in zip(out, plain))  # the penalties changed something
+    with torch.no_grad():
+        for prompt, r in zip(s, out):
+            for i, t in enumerate(r.tokens):
+                logits = model(torch.tensor([prompt + r.tokens[:i]])).logits[0, -1].double()
+                seen = Counter(r.tokens[:i])
+                for v, c in seen.items():
+                    logits[v] -= pres + freq * c
+                p = (logits / temp).softmax(-1)
+                assert abs(r.p_student[i] - p[t].item()) < 1e-4
+
+
+def test_greedy_presence_penalty_never_repeats_when_large(tiny):
+    model, tok = tiny
+    s = _prompts(tok, PROBLEMS)
+    kw = dict(generators=_gens(3), max_new_tokens=20, stop_ids=[], pad_id=0, temperature=0.0)
+    plain = decode(model, s, **kw)
+    assert any(len(set(r.tokens)) < len(r.tokens) for r in plain)  # greedy repeats itself on this model
+    for r in decode(model, s, presence_penalty=2.0, frequency_penalty=2.0, **kw):
+        assert len(set(r.tokens)) == len(r.tokens)
+
+
+def test_zero_penalties_and_no_ban_change_nothing(tiny):
+    model, tok = tiny
+    s, t = _prompts(tok, PROBLEMS), _prompts(tok, PROBLEMS, "3+4=7. #### 7")
+    kw = dict(max_new_tokens=10, stop_ids=[2], pad_id=0, temperature=0.9, tau=0.1, teacher_prompts=t)
+    a = decode(model, s, generators=_gens(3), **kw)
+    b = decode(model, s, generators=_gens(3), presence_penalty=0.0, frequency_penalty=0.0, banned_ids=[], **kw)
+    assert [(r.tokens, r.p_student, r.q) for r in a] == [(r.tokens, r.p_student, r.q) for r in b]
+
+
+def test_banned_ids_are_never_drawn_by_either_role(tiny):
+    model, tok = tiny
+    s, t = _prompts(tok, PROBLEMS), _prompts(tok, PROBLEMS, "3+4=7. #### 7")
+    kw = dict(max_new_tokens=12, stop_ids=[2], pad_id=0, temperature=1.0, teacher_prompts=t)
+    for tau in (0.0, 1.01):  # the student's and the teacher's own samples
+        free = decode(model, s, generators=_gens(3), tau=tau, **kw)
+        common = Counter(x for r in free for x in r.tokens).most_common(2)
+        banned = [x for x, _ in common]
+        for r in decode(model, s, generators=_gens(3), tau=tau, banned_ids=banned, **kw):
+            assert not set(r.tokens) & set(banned)

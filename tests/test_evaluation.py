@@ -323,3 +323,128 @@ def test_two_launched_processes_equal_one(tiny, tiny_dir, bench, tmp_path):
     a, b = _by_key(tmp_path / "one" / "samples.jsonl"), _by_key(tmp_path / "two" / "samples.jsonl")
     assert a.keys() == b.keys() and all(a[k]["token_ids"] == b[k]["token_ids"] for k in a)
     assert two["pass_at_k"] == one["pass_at_k"] and two["n_problems"] == 3
+
+
+# ----------------------------------------------------------------------------- the paper's preset
+
+def test_paper_preset_loads_into_eval_config():
+    from pathlib import Path
+
+    from dail.config import build
+
+    cfg = build(EvalConfig, str(Path(__file__).resolve().parents[1] / "configs" / "eval-paper.yaml"))
+    assert (cfg.temperature, cfg.top_p, cfg.presence_penalty, cfg.frequency_penalty) == (0.6, 0.95, 1.5, 0.0)
+    assert cfg.n == 128 and cfg.budgets == [512, 1024, 2048, 4096] and cfg.max_new_tokens == 4096
+    assert cfg.ks == [2 ** i for i in range(8)] and E.ks_for(cfg.n, cfg.ks) == cfg.ks
+    assert cfg.model.thinking == "auto" and cfg.force_answer and cfg.force_tokens == 100
+
+
+# ----------------------------------------------------------------------------- bring your own samples
+
+def _external(path, records, fields=("id", "sample_index", "text", "token_ids", "finish_reason"), extra=None):
+    with open(path, "w") as fh:
+        for r in records:
+            line = {k: r[k] for k in fields if k in r} | (extra(r) if extra else {})
+            fh.write(json.dumps(line) + "\n")
+    return path
+
+
+def test_external_samples_give_the_native_summary(tiny, tiny_dir, bench, tmp_path, monkeypatch):
+    monkeypatch.setattr(E, "grade_many", _fake_grade)
+    model, tok = tiny
+    native = evaluate(_cfg(tiny_dir, bench, tmp_path / "native"), model, tok)
+    recs = read_records(tmp_path / "native" / "samples.jsonl")
+    src = _external(tmp_path / "engine.jsonl", recs[::-1])  # any order
+    ext = evaluate(_cfg(tiny_dir, bench, tmp_path / "ext", samples=str(src), n=8), None, tok)  # n: the file's
+    for key in ("pass_at_k", "by_budget", "n", "ks", "budgets", "per_problem_correct", "mean_tokens",
+                "finish_reasons", "n_problems", "mean_answer_token_index"):
+        assert ext[key] == native[key], key
+    assert ext["budget_rule"] == {"cut": 12} and ext["samples_file"] == str(src)
+    assert json.loads((tmp_path / "ext" / "summary.json").read_text()) == ext
+    assert not any("forced" in k for k in ext)
+
+    # token counts alone: a sample longer than a budget had not finished there and counts as wrong
+    src = _external(tmp_path / "counts.jsonl", recs, fields=("id", "sample_index", "text", "n_tokens"))
+    ext = evaluate(_cfg(tiny_dir, bench, tmp_path / "counts", samples=str(src)), None, None)
+    for b in (3, 7, 12):
+        c = {pid: sum(r["correct"] and r["n_tokens"] <= b for r in recs if r["id"] == pid) for pid in ("p1", "p2", "p3")}
+        want = np.mean([pass_at_k(4, c[pid], 1) for pid in c])
+        assert ext["by_budget"][str(b)]["pass_at_k"]["1"]["mean"] == pytest.approx(want)
+    assert ext["budget_rule"] == {"finished": 12} and ext["finish_reasons"] == {"unknown": 12}
+
+    # no token counts: only the full samples, under max_new_tokens
+    src = _external(tmp_path / "text.jsonl", recs, fields=("id", "sample_index", "text"))
+    ext = evaluate(_cfg(tiny_dir, bench, tmp_path / "text", samples=str(src), budgets=[]), None, None)
+    assert ext["pass_at_k"] == native["pass_at_k"] and ext["mean_tokens"] is None
+
+
+def test_external_forced_answers_are_graded(tiny_dir, bench, tmp_path):
+    lines = [{"id": p["id"], "sample_index": j, "text": "still thinking about it", "n_tokens": 12,
+              "forced": {"12": f"\n</think>\n\nThe final answer is \\boxed{{{p['answer'] if j == 0 else 0}}}"}}
+             for p in PROBLEMS for j in range(2)]
+    src = tmp_path / "forced.jsonl"
+    src.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    s = evaluate(_cfg(tiny_dir, bench, tmp_path / "ev", samples=str(src), ks=[1, 2], budgets=[6]), None, None)
+    assert s["by_budget"]["12"]["pass_at_k"]["1"]["mean"] == 0.0
+    assert s["forced_pass_at_k"]["1"]["mean"] == 0.5 and s["forced_pass_at_k"]["2"]["mean"] == 1.0
+    # at 6 tokens nothing was forced (no text for it) and the unfinished samples count as wrong
+    assert s["by_budget"]["6"]["forced_pass_at_k"]["2"]["mean"] == 0.0 and s["by_budget"]["6"]["forced_samples"] == 0
+
+
+def test_external_samples_errors_name_file_line_and_field(tiny_dir, bench, tmp_path):
+    good = [{"id": p["id"], "sample_index": j, "text": "\\boxed{7}", "n_tokens": 5} for p in PROBLEMS for j in range(2)]
+
+    def run(lines, raw=None, **kw):
+        src = tmp_path / "bad.jsonl"
+        src.write_text(raw if raw is not None else "".join(json.dumps(x) + "\n" for x in lines))
+        kw = dict(samples=str(src), ks=[1, 2], budgets=[4]) | kw
+        return evaluate(_cfg(tiny_dir, bench, tmp_path / "ev", **kw), None, None)
+
+    cases = [
+        (good[:2] + [dict(good[2], id="nope")] + good[3:], r"bad.jsonl line 3: field 'id': unknown problem id 'nope'"),
+        (good[:1] + [{k: v for k, v in good[1].items() if k != "text"}], r"line 2: field 'text' is missing"),
+        (good + [good[4]], r"line 7: field 'sample_index': \('p3', 0\) is already on line 5"),
+        ([dict(g, n_tokens=99) if i == 3 else g for i, g in enumerate(good)],
+         r"line 4: field 'n_tokens': 99 tokens, more than max_new_tokens 12"),
+        ([{k: v for k, v in g.items() if k != "n_tokens"} for g in good],
+         r"line 1: field 'n_tokens' \(or 'token_ids'\) is missing"),
+        ([dict(g, token_ids=[1, 2]) for g in good], r"line 1: field 'n_tokens': 5, but token_ids has 2 ids"),
+        ([dict(g, forced={"9": "x"}) for g in good], r"line 1: field 'forced': budget 9 is not one of the budgets"),
+        (good[:5], r"bad.jsonl line 5: field 'sample_index': problem 'p3' has 1 samples, fewer than the largest k \(2\)"),
+        ([g for g in good if g["sample_index"] == 0 or g["id"] != "p2"] + [dict(good[2], sample_index=2)],
+         r"field 'sample_index': problem 'p2' has indices \[0, 2\]..., but sample 1 is missing"),
+    ]
+    for lines, match in cases:
+        with pytest.raises(DataError, match=match):
+            run(lines)
+    with pytest.raises(DataError, match=r"bad.jsonl line 2: not valid JSON"):
+        run(None, raw=json.dumps(good[0]) + "\n{oops\n")
+    with pytest.raises(DataError, match=r"field 'samples': no such file"):
+        evaluate(_cfg(tiny_dir, bench, tmp_path / "ev", samples=str(tmp_path / "none.jsonl")), None, None)
+    assert not (tmp_path / "ev" / "samples.jsonl").exists()  # nothing was graded from a bad file
+    run(good)  # the good file passes
+
+
+def test_export_prompts_are_the_prompts_dail_samples_from(tiny, tiny_dir, bench, tmp_path, capsys):
+    from dail.cli import main
+    from dail.prompts import end_of_turn_ids, render, student_messages
+
+    _, tok = tiny
+    assert main(["eval", "--model.name", str(tiny_dir), "--model.device", "cpu", "--data.source", str(bench),
+                 "--out", str(tmp_path / "ex"), "--n", "4", "--ks", "1,2", "--export-prompts"]) == 0
+    assert capsys.readouterr().out.strip().endswith("prompts.jsonl")
+    lines = [json.loads(x) for x in (tmp_path / "ex" / "prompts.jsonl").read_text().splitlines()]
+    assert [x["id"] for x in lines] == ["p1", "p2", "p3"]
+    for x, p in zip(lines, PROBLEMS):
+        assert x["prompt_ids"] == render(tok, student_messages(p["problem"])) and x["sample_indices"] == [0, 1, 2, 3]
+        assert tok(x["prompt"], add_special_tokens=False)["input_ids"] == x["prompt_ids"]
+    info = json.loads((tmp_path / "ex" / "export.json").read_text())
+    assert info["stop_token_ids"] == end_of_turn_ids(tok) and info["n"] == 4 and info["thinking"] is False
+    assert not (tmp_path / "ex" / "samples.jsonl").exists()
+    # the engine's samples come back through --samples
+    src = _external(tmp_path / "engine.jsonl", [{"id": x["id"], "sample_index": j, "text": "\\boxed{12}"}
+                                                for x in lines for j in x["sample_indices"]])
+    assert main(["eval", "--model.name", str(tiny_dir), "--model.device", "cpu", "--data.source", str(bench),
+                 "--out", str(tmp_path / "ex"), "--ks", "1,2", "--samples", str(src)]) == 0
+    s = json.loads((tmp_path / "ex" / "summary.json").read_text())
+    assert s["per_problem_correct"] == {"p1": 0, "p2": 4, "p3": 0} and s["n"] == 4

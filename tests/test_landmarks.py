@@ -187,9 +187,9 @@ def test_code_and_regex_extractors():
 
 
 def test_check_kind():
-    for kind in ("math", "code", r"regex:=\s*(\d+)"):
+    for kind in ("math", "code", "proof", r"regex:=\s*(\d+)"):
         check_kind(kind)
-    with pytest.raises(ValueError, match=r"unknown landmark extractor 'maths'.*math, code, regex:PATTERN"):
+    with pytest.raises(ValueError, match=r"unknown landmark extractor 'maths'.*math, code, proof, regex:PATTERN"):
         check_kind("maths")
     with pytest.raises(ValueError, match=r"'regex:\(\\d\+': invalid regular expression"):
         check_kind(r"regex:(\d+")
@@ -220,3 +220,44 @@ def test_real_champ_solutions():
         assert len(marks) == len(set(marks))
         assert all(m.replace(" ", "") in ex.solution.replace(" ", "") for m in marks)  # extracted, not invented
     assert with_marks >= 30
+
+
+# ----------------------------------------------------------------------------- proofs
+
+PROOFS = yaml.safe_load((Path(__file__).parent / "fixtures" / "proofs.yaml").read_text(encoding="utf-8"))
+
+
+@pytest.mark.parametrize("entry", PROOFS, ids=[e["id"] for e in PROOFS])
+def test_proof_fixture(entry):
+    assert extract_landmarks(entry["solution"], "proof") == entry["landmarks"]
+
+
+def test_proof_keeps_claims_displays_and_conclusion_not_the_derivation():
+    s = ("Let $m = n + 1$. We claim that $m > n$. Subtracting, we get\n$$m - n = 1 > 0.$$\n"
+         "Therefore $m > n$.")
+    marks = extract_landmarks(s, "proof")
+    assert marks == ["We claim that $m > n$.", "m - n = 1 > 0", "Therefore $m > n$."]
+    assert not any("Let $m" in m or "Subtracting" in m for m in marks)
+
+
+def test_proof_sentence_rules():
+    # A period after a bare heading or an abbreviation ends nothing; a claim holding a display shows it once.
+    assert extract_landmarks("Lemma 3. If $x = 1$, i.e. $x$ is one, then $x^2 = 1$. Hence done.", "proof") == [
+        "Lemma 3. If $x = 1$, i.e. $x$ is one, then $x^2 = 1$.", "Hence done."]
+    # A heading word followed by more than a label is an ordinary sentence, ended by its period.
+    assert extract_landmarks("Note that $n$ is odd. Hence $n^2$ is odd.", "proof") == ["Hence $n^2$ is odd."]
+    assert extract_landmarks("We show that $$a = b.$$ Thus $a = b$.", "proof") == [
+        "We show that $$a = b.$$", "Thus $a = b$."]
+    # The conclusion of each proof: before its QED mark; a sentence that is only the mark is skipped.
+    assert extract_landmarks("So $x = 2$. $\\square$\n\nSo $y = 3$. ∎", "proof") == ["So $x = 2$.", "So $y = 3$."]
+    # Without any mark: the last concluding sentence, not a later remark.
+    assert extract_landmarks("Hence $p$ is prime. Remark: a nice problem.", "proof") == ["Hence $p$ is prime."]
+    # The same claim twice (up to whitespace) is one landmark.
+    assert extract_landmarks("Claim: $a>0$.\n\nClaim:  $a>0$.", "proof") == ["Claim: $a>0$."]
+
+
+def test_proof_kind_on_garbage_does_not_crash():
+    for s in ["", ".", "∎", "QED", "\\end{proof}", "Lemma.", "Lemma 1. " * 300, ". " * 3000, "$\\blacksquare$",
+              "\\begin{lemma}" * 50, "$$" * 101, "We show that"]:
+        marks = extract_landmarks(s, "proof")
+        assert all(m and m == m.strip() for m in marks)

@@ -135,3 +135,162 @@ def test_rerun_with_other_sampling_settings_is_refused_and_more_samples_are_adde
     synthesize(_cfg(tiny_dir, tmp_path, samples_per_problem=2))
     recs = read_records(out)
     assert len(recs) == 12 and out.read_text().startswith(before)
+
+
+# ----------------------------------------------------------------------------- proofs, long solutions, per problem
+
+PROOF = ("We show that $n^2 \\ge n$ for every integer $n \\ge 1$. Since $n \\ge 1$, multiplying by $n$ gives "
+         "$n^2 \\ge n$. Hence the claim holds. $\\blacksquare$")
+
+
+def _write_experts(path, records):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def test_problems_without_answers_are_kept_ungraded_and_train(tiny_dir, tmp_path):
+    from dail.config import TrainConfig
+    from dail.models import load_tokenizer
+    from dail.training import build_sequences
+
+    experts = _write_experts(tmp_path / "proofs.jsonl", [
+        {"id": f"pr{i}", "problem": f"Prove that {i} squared is at least {i}.", "solution": PROOF} for i in range(3)]
+        + [{"id": "q", "problem": "Tom has 3 apples and buys 4 more.", "solution": "3+4=7. #### 7", "answer": "7"}])
+    out = synthesize(_cfg(tiny_dir, tmp_path, data=DataConfig(source=str(experts)), keep="correct",
+                          landmarks="proof"))
+    kept, rejected = read_records(out), read_records(out.with_name("synthetic.rejected.jsonl"))
+    proofs = [r for r in kept if r["id"].startswith("pr")]
+    assert len(proofs) == 6 and all(r["correct"] is None and r["answer"] is None for r in proofs)  # even with keep=correct
+    assert all(r["landmarks_kind"] == "proof" and r["landmarks"][-1] == "Hence the claim holds." for r in proofs)
+    assert not any(r["id"].startswith("pr") for r in rejected)
+    graded = [r for r in kept + rejected if r["id"] == "q"]
+    assert len(graded) == 2 and all(r["correct"] in (True, False) for r in graded)
+    stats = json.loads((out.parent / "stats.json").read_text())
+    assert stats["ungraded"] == 6 and stats["graded"] == 2
+    # Training reads the ungraded records like any other.
+    seqs = build_sequences(TrainConfig(data=str(out), max_length=4096), load_tokenizer(ModelConfig(name=str(tiny_dir))))
+    assert {s.problem for s in seqs} >= {"pr0", "pr1", "pr2"} and len(seqs) == len(kept)
+    assert all(set(s.contexts) == {"student", "teacher", "negative"} for s in seqs)
+
+
+def test_shorten_solution_cuts_at_the_best_boundary_that_fits():
+    from dail.synthesis import shorten_solution
+
+    def fits_in(n):
+        return lambda text: len(text) <= n
+
+    s = "Solution 1: a = 2.\n\nSo b = 3.\n\nSolution 2: another way, much longer.\n\n**Solution 3.** A third."
+    assert shorten_solution(s, fits_in(len(s) - 1)) == (s[:s.index("**Solution 3")].rstrip(), "solution heading")
+    assert shorten_solution(s, fits_in(40)) == ("Solution 1: a = 2.\n\nSo b = 3.", "solution heading")
+    assert shorten_solution(s, fits_in(25)) == ("Solution 1: a = 2.", "paragraph")  # no heading cut fits
+    t = "## Setup\nLet x = 1.\n## Finish\nThen y = 2 and we are done."
+    assert shorten_solution(t, fits_in(30)) == ("## Setup\nLet x = 1.", "section")
+    u = "x" * 100  # no boundary at all: halve until it fits
+    assert shorten_solution(u, fits_in(30)) == ("x" * 25, "halved")
+    assert shorten_solution(u, lambda text: False) is None
+
+
+def test_over_long_solutions_are_shortened_to_fit_or_skipped(tiny, tmp_path):
+    from dail.prompts import render, teacher_messages
+
+    model, tok = tiny
+    short_part = "Solution 1: 3+4=7. #### 7"
+    solution = short_part + "\n\nSolution 2: " + "count the apples one by one, " * 60 + "and get 7."
+    experts = _write_experts(tmp_path / "long.jsonl", [
+        {"id": "long", "problem": "Tom has 3 apples and buys 4 more.", "solution": solution, "answer": "7"},
+        {"id": "fine", "problem": "Tom has 1 apple and buys 4 more.", "solution": "1+4=5. #### 5", "answer": "5"}])
+    fitting = len(render(tok, teacher_messages("Tom has 3 apples and buys 4 more.", short_part)))
+    full = len(render(tok, teacher_messages("Tom has 3 apples and buys 4 more.", solution)))
+    model.config.max_position_embeddings = fitting + 12 + 2  # the cut fits, the full solution does not
+    assert full > fitting + 14
+    cfg = _cfg(None, tmp_path, model=ModelConfig(name="unused", device="cpu"), data=DataConfig(source=str(experts)))
+    out = synthesize(cfg, model=model, tokenizer=tok)
+    recs = {(r["id"], r["sample_index"]): r for r in read_records(out)}
+    assert len(recs) == 4
+    cut = recs[("long", 0)]
+    assert cut["solution"] == short_part and cut["shortened"]["at"] == "solution heading"
+    assert cut["shortened"]["full_solution"] == solution and cut["shortened"]["kept_chars"] == len(short_part)
+    assert cut["landmarks"] == ["7"]  # from the solution the teacher saw
+    assert "shortened" not in recs[("fine", 0)]
+    assert json.loads((out.parent / "stats.json").read_text())["shortened"] == 1
+
+    # skip: today's behaviour, the problem is listed as skipped; it is a resume key.
+    from dail.config import ConfigError
+
+    with pytest.raises(ConfigError, match="different 'long_solutions'"):
+        synthesize(SynthConfig(**(cfg.__dict__ | {"long_solutions": "skip"})), model=model, tokenizer=tok)
+    out2 = synthesize(_cfg(None, tmp_path / "skip", model=ModelConfig(name="unused", device="cpu"),
+                           data=DataConfig(source=str(experts)), long_solutions="skip"), model=model, tokenizer=tok)
+    assert {r["id"] for r in read_records(out2)} == {"fine"}
+    assert {r["id"] for r in read_records(out2.with_name("synthetic.skipped.jsonl"))} == {"long"}
+
+
+def test_select_per_problem_rules():
+    from dail.synthesis import select_per_problem
+
+    recs = [{"id": "a", "sample_index": i, "correct": c} for i, c in [(2, True), (0, False), (1, True)]]
+    recs += [{"id": "b", "sample_index": i, "correct": False} for i in range(2)]
+    recs += [{"id": "c", "sample_index": i, "correct": None} for i in (1, 0)]
+    chosen, left = select_per_problem(recs, "first")
+    assert [(r["id"], r["sample_index"]) for r in chosen] == [("a", 1), ("c", 0)]  # b: none correct
+    assert len(left) == len(recs) - 2
+    assert select_per_problem(recs, "all") == (recs, [])
+    many = [{"id": f"p{j}", "sample_index": i, "correct": None} for j in range(20) for i in range(4)]
+    chosen, _ = select_per_problem(many, "random", k=2, seed=0)
+    assert sorted({r["id"] for r in chosen}) == sorted({r["id"] for r in many})
+    assert all(sum(r["id"] == f"p{j}" for r in chosen) == 2 for j in range(20))
+    again, _ = select_per_problem(list(reversed(many)), "random", k=2, seed=0)  # any input order, same draw
+    assert sorted(map(_key2, again)) == sorted(map(_key2, chosen))
+    other, _ = select_per_problem(many, "random", k=2, seed=1)
+    assert sorted(map(_key2, other)) != sorted(map(_key2, chosen))
+    chosen, _ = select_per_problem(many[:4], "random", k=9, seed=0)
+    assert len(chosen) == 4  # all of them where a problem has fewer than k
+
+
+def _key2(r):
+    return (r["id"], r["sample_index"])
+
+
+def test_per_problem_reshapes_one_synthesis_run_without_decoding_again(tiny_dir, tmp_path, monkeypatch):
+    import zlib
+
+    from dail import synthesis
+
+    # The tiny random model is almost never right: grade by a fixed hash of the text instead, so
+    # that some problems have correct samples, at various indices.
+    monkeypatch.setattr(synthesis, "grade_many",
+                        lambda texts, golds, timeout, **kw: [zlib.crc32(t.encode()) % 3 == 0 for t in texts])
+    full = read_records(synthesize(_cfg(tiny_dir, tmp_path / "all", samples_per_problem=3)))
+    out = synthesize(_cfg(tiny_dir, tmp_path, samples_per_problem=3, per_problem="first"))
+    kept, aside = read_records(out), read_records(out.with_name("synthetic.unselected.jsonl"))
+    right = {r["id"] for r in full if r["correct"]}
+    assert 2 <= len(right) < 6 and any(r["correct"] and r["sample_index"] > 0 for r in full)
+    assert {r["id"] for r in kept} == right and len(kept) == len(right)
+    for r in kept:  # the first correct sample of its problem
+        assert r["correct"] and r["sample_index"] == min(x["sample_index"] for x in full if x["id"] == r["id"]
+                                                           and x["correct"])
+    assert sorted(map(_key2, kept + aside)) == sorted(map(_key2, full))
+    stats = json.loads((out.parent / "stats.json").read_text())
+    assert stats["trajectories"] == 18 and stats["kept"] == len(kept) and stats["unselected"] == len(aside)
+
+    out = synthesize(_cfg(tiny_dir, tmp_path, samples_per_problem=3, per_problem="random", per_problem_k=2))
+    kept = read_records(out)
+    assert len(kept) == 12 and all(sum(r["id"] == pid for r in kept) == 2 for pid in {r["id"] for r in full})
+    assert json.loads((out.parent / "stats.json").read_text())["tokens_this_run"] == 0  # reshaped, not decoded
+
+    out = synthesize(_cfg(tiny_dir, tmp_path, samples_per_problem=3))  # back to all
+    assert read_records(out) == full and not out.with_name("synthetic.unselected.jsonl").exists()
+
+
+def test_new_settings_are_checked():
+    from dail.config import ConfigError, resume_keys
+
+    with pytest.raises(ConfigError, match="'long_solutions': expected shorten|skip"):
+        SynthConfig(long_solutions="truncate")
+    with pytest.raises(ConfigError, match="'per_problem': expected all|first|random"):
+        SynthConfig(per_problem="best")
+    with pytest.raises(ConfigError, match="'per_problem_k': must be an integer > 0"):
+        SynthConfig(per_problem="random", per_problem_k=0)
+    # long_solutions changes what is decoded; per_problem only reshapes what was decoded.
+    assert "long_solutions" in resume_keys(SynthConfig) and "per_problem" not in resume_keys(SynthConfig)

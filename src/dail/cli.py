@@ -4,6 +4,8 @@
     dail train  [--config FILE.yaml] [--loss nll --gamma 0.2 ...]
     dail grpo   [--config FILE.yaml] [--hints self|landmarks --num_generations 8 ...]
     dail eval   [--config FILE.yaml] [--adapter runs/x/train/adapter] [--on train|test ...]
+    dail eval   --samples FILE.jsonl | --export-prompts   (samples from another engine: README)
+    dail select --eval_dir runs/x/eval/base-train [--max_correct 0 --out hard.jsonl]   (hard problems)
     dail run    [--config FILE.yaml] [...]      (no arguments: the embedded default, end to end)
     dail compare --config configs/compare-gsm.yaml   (every method on the same problems)
     dail sweep  [--config FILE.yaml] [--taus [0.1,0.3] --gammas [0,0.1]]
@@ -24,8 +26,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from dail.config import (CompareConfig, ConfigError, EvalConfig, GRPOConfig, RunConfig, SweepConfig, SynthConfig,
-                         TrainConfig, build, flag_names)
+from dail.config import (CompareConfig, ConfigError, EvalConfig, GRPOConfig, RunConfig, SelectConfig, SweepConfig,
+                         SynthConfig, TrainConfig, build, flag_names)
 from dail.data import DataError
 from dail.layout import RunFolder, eval_files, summaries
 from dail.lock import LockError
@@ -39,6 +41,8 @@ STAGES: dict[str, tuple[type, str, str]] = {
     "train": (TrainConfig, "dail.training:train", "Stage 2: LoRA training with the contrastive KL (or nll / sft)."),
     "eval": (EvalConfig, "dail.evaluation:evaluate",
              "Sample n answers per problem, grade them, report pass@k by k and token budget."),
+    "select": (SelectConfig, "dail.select:select",
+               "Write the problems an evaluation found hard (at most max_correct of n right) as an expert set."),
     "grpo": (GRPOConfig, "dail.grpo:train_grpo",
              "GRPO (TRL's GRPOTrainer) rewarded by the eval grader; --hints self|landmarks for NuRL."),
     "run": (RunConfig, "dail.pipeline:run",
@@ -67,6 +71,8 @@ def make_parser() -> argparse.ArgumentParser:
         if name == "eval":
             p.add_argument("--on", choices=["train", "test"], default=None,
                            help="Shortcut for --data.split: evaluate the training or the held-out problems.")
+            p.add_argument("--export-prompts", dest="cfg:export_prompts", action="store_const", const="true",
+                           default=argparse.SUPPRESS, help="Shortcut for --export_prompts true.")
     p = sub.add_parser("report", help="Compare run folders in one report.md with plots.",
                        description="Compare run folders in one report.md with plots.")
     p.add_argument("runs", nargs="+", help="Run folders (each with eval/*/summary.json).")
@@ -100,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         module, function = target.split(":")
         result = getattr(importlib.import_module(module), function)(cfg)
         # Each stage prints where its main output went.
-        print({"eval": eval_files(cfg.out)["summary"], "run": RunFolder(Path(cfg.out)).report}.get(args.command, result))
+        eval_out = eval_files(cfg.out)["prompts" if getattr(cfg, "export_prompts", False) else "summary"]
+        print({"eval": eval_out, "run": RunFolder(Path(cfg.out)).report}.get(args.command, result))
         return 0
     except ConfigError as e:
         parser.exit(2, f"dail {args.command}: config error: {e}\n")

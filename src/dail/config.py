@@ -61,8 +61,15 @@ class ModelConfig:
                     "bfloat16 or float16.")
     device: str = _f("auto", "auto (cuda if available, else cpu), cpu, cuda, cuda:N.")
     trust_remote_code: bool = _f(False, "Run model code from the hub. Off unless you ask for it.")
+    thinking: str = _f("auto", "Thinking block for reasoning models: auto (on where the chat template knows one, "
+                       "e.g. Qwen3: it reads enable_thinking or writes <think>) | on | off. Maps to the template's "
+                       "enable_thinking and the <think>/</think> tags; every role and stage uses it. On: contexts "
+                       "open the block, synthesis writes inside it (the closing tag is forbidden), evaluation "
+                       "forces an answer at each budget (eval.force_answer).")
 
     def __post_init__(self) -> None:
+        _check(self.thinking in ("auto", "on", "off"), "model.thinking",
+               f"expected auto|on|off, got {self.thinking!r}")
         _check(self.dtype in ("auto", "float32", "bfloat16", "float16"), "model.dtype",
                f"expected auto|float32|bfloat16|float16, got {self.dtype!r}")
         _check(re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device) is not None, "model.device",
@@ -73,8 +80,10 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     source: str = _f("gsm-symbolic", "Where problems come from: 'gsm-symbolic', 'champ' (built in, "
-                     "offline), a .jsonl expert file, a folder saved by datasets.save_to_disk, or "
-                     "'hf:NAME' for a Hugging Face dataset.")
+                     "offline), a .jsonl or .parquet file, a folder saved by datasets.save_to_disk, or "
+                     "'hf:NAME' for a Hugging Face dataset. Files and datasets in dail's layout or in the paper's "
+                     "released ones (verl evaluation sets, problem_id/problem/solution training sets) need no "
+                     "field mapping.")
     split: str = _f("train", "train, val or test. gsm-symbolic splits by template, champ by a seeded rule "
                     "(val: val_fraction of the training side, never trained on); for JSONL files the split "
                     "is ignored.")
@@ -87,8 +96,9 @@ class DataConfig:
                               "the test split.")
     val_fraction: float = _f(0.0, "Fraction of the training side's templates (gsm-symbolic) or problems "
                              "(champ) held out as the validation split, for choosing hyperparameters.")
-    fields: dict = _f({}, "Field mapping for Hugging Face / saved datasets, e.g. "
-                      "{problem: question, solution: answer}.")
+    fields: dict = _f({}, "Field mapping {our name: column} for files and datasets in another layout, e.g. "
+                      "{problem: question, solution: answer}; a dotted column reads a nested field "
+                      "(reward_model.ground_truth).")
     hf_split: str = _f("train", "Split name inside a Hugging Face / saved dataset.")
 
     def __post_init__(self) -> None:
@@ -132,16 +142,40 @@ class SynthConfig:
                                       "0 = no rationalization (the paper's ablation).", resume=True)
     batch_size: int = _f(16, "Trajectories decoded together (the fused step runs 2x this many rows).")
     seed: int = _f(0, "Run seed; each (problem id, sample index) derives its own seed from it.", resume=True)
-    landmarks: str = _f("math", "Landmark extractor for the negative-reference context: math|code|regex:PATTERN. "
+    landmarks: str = _f("math", "Landmark extractor for the negative-reference context: math|code|proof|regex:PATTERN "
+                        "(proof: stated claims, displayed equations and the conclusion, for proofs). "
                         "The one landmarks setting: synthesis writes each record's landmarks (and this kind) "
                         "into the synthetic set, and training reads them from there. An expert record's own "
                         "`landmarks` list wins over the extractor.", resume=True)
     keep: str = _f("all", "all | correct: which trajectories go into the training set (grades are "
-                   "always recorded). star mode always keeps only the correct ones.", resume=True)
+                   "always recorded). A problem without an answer (a proof) is never graded (correct: null) "
+                   "and its trajectories are always kept. star mode always keeps only the correct ones.",
+                   resume=True)
     grade_timeout: float = _f(5.0, "Seconds per math-verify call before the trajectory counts as wrong.")
+    long_solutions: str = _f("shorten", "shorten | skip: a problem whose teacher (or direct-mode) context plus "
+                             "max_new_tokens exceeds the model's window. shorten cuts the expert solution to fit: "
+                             "at the last 'Solution N:' heading that fits (as the authors do), else at the last "
+                             "section or paragraph break that fits, else by halving it until it fits; the record "
+                             "carries the cut solution and `shortened`. skip lists the problem in "
+                             "<out>.skipped.jsonl (the behaviour before this setting).", resume=True)
+    per_problem: str = _f("all", "all | first | random: which trajectories of a problem form the training set, "
+                          "applied after synthesis to what `keep` kept (the rest move to <out>.unselected.jsonl "
+                          "and move back if a rerun changes this, without decoding again). first: the correct one "
+                          "with the lowest sample index (a problem without an answer: its first trajectory; "
+                          "a graded problem with none correct: none). random: per_problem_k of them, drawn with "
+                          "seed and the problem id. The authors keep one per problem.")
+    per_problem_k: int = _f(1, "per_problem random: trajectories drawn per problem (all of them where it has fewer).")
+    presence_penalty: float = _f(0.0, "Subtracted from the logit of every token already in the trajectory, in both "
+                                 "roles' sampling distributions, never in the acceptance test (OpenAI / vLLM "
+                                 "semantics; 0 = off).", resume=True)
+    frequency_penalty: float = _f(0.0, "Subtracted from a token's logit once per time it is already in the "
+                                  "trajectory (as presence_penalty; 0 = off).", resume=True)
 
     def __post_init__(self) -> None:
         _check(self.mode in ("mixed", "direct", "star"), "mode", f"expected mixed|direct|star, got {self.mode!r}")
+        _check(0 <= self.presence_penalty <= 2, "presence_penalty", "must be in [0, 2] (OpenAI's range, non-negative)")
+        _check(0 <= self.frequency_penalty <= 2, "frequency_penalty",
+               "must be in [0, 2] (OpenAI's range, non-negative)")
         _check(self.tau >= 0, "tau", "must be >= 0")
         _check(self.temperature >= 0, "temperature", "must be >= 0")
         _check(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
@@ -154,6 +188,11 @@ class SynthConfig:
         _check(self.batch_size > 0, "batch_size", "must be > 0")
         _check(self.keep in ("all", "correct"), "keep", f"expected all|correct, got {self.keep!r}")
         _check(self.grade_timeout > 0, "grade_timeout", "must be > 0")
+        _check(self.long_solutions in ("shorten", "skip"), "long_solutions",
+               f"expected shorten|skip, got {self.long_solutions!r}")
+        _check(self.per_problem in ("all", "first", "random"), "per_problem",
+               f"expected all|first|random, got {self.per_problem!r}")
+        _check(_is_int(self.per_problem_k) and self.per_problem_k > 0, "per_problem_k", "must be an integer > 0")
         try:
             check_landmark_kind(self.landmarks)
         except ValueError as e:
@@ -279,9 +318,32 @@ class EvalConfig:
     batch_size: int = _f(32, "Sequences decoded together.")
     seed: int = _f(1234, "Run seed; each (problem id, sample index) derives its own seed from it.", resume=True)
     grade_timeout: float = _f(5.0, "Seconds per math-verify call before the sample counts as wrong.")
+    presence_penalty: float = _f(0.0, "Subtracted from the logit of every token already generated in the sample "
+                                 "(OpenAI / vLLM semantics; 0 = off). The paper's evaluation uses 1.5.", resume=True)
+    frequency_penalty: float = _f(0.0, "Subtracted from a token's logit once per time it was already generated in "
+                                  "the sample (OpenAI / vLLM semantics; 0 = off).", resume=True)
+    force_answer: bool = _f(True, "Thinking models: where a sample reaches a budget inside its thinking block, "
+                            "close the block, cue a boxed final answer and grade that too (forced columns next to "
+                            "the unforced ones), as the paper reports budgets. Without thinking it does nothing.")
+    force_tokens: int = _f(100, "Most tokens sampled after the forced-answer cue: room for a boxed answer and "
+                           "little else.", resume=True)
+    samples: str = _f("", "Grade externally generated samples instead of sampling: a JSONL file, one line per "
+                      "(problem id, sample index) with the completion text (README, 'Bring your own samples'). "
+                      "The summary uses as many samples per problem as every problem has.", resume=True)
+    export_prompts: bool = _f(False, "Only write <out>/prompts.jsonl (the exact chat-formatted prompts, text and "
+                              "token ids, of every problem) and <out>/export.json (the sampling settings), for "
+                              "another engine to sample from; nothing is sampled.")
 
     def __post_init__(self) -> None:
         _check(self.n > 0, "n", "must be > 0")
+        _check(0 <= self.presence_penalty <= 2, "presence_penalty", "must be in [0, 2] (OpenAI's range, non-negative)")
+        _check(0 <= self.frequency_penalty <= 2, "frequency_penalty",
+               "must be in [0, 2] (OpenAI's range, non-negative)")
+        _check(self.force_tokens > 0, "force_tokens", "must be > 0")
+        _check(not (self.samples and self.export_prompts), "export_prompts",
+               "exports prompts for another engine; with samples set there is nothing to export")
+        _check(not (self.samples and self.adapter), "adapter",
+               "external samples (samples) come from whatever model made them; leave adapter empty")
         _check(bool(self.ks) and all(_is_int(k) for k in self.ks), "ks",
                f"expected a non-empty list of integers, got {self.ks!r}")
         _check(all(0 < k <= self.n for k in self.ks), "ks", f"each k must be in 1..n (n={self.n})")
@@ -293,6 +355,27 @@ class EvalConfig:
         _check(self.max_new_tokens > 0, "max_new_tokens", "must be > 0")
         _check(all(0 < b <= self.max_new_tokens for b in self.budgets), "budgets",
                f"each budget must be in 1..max_new_tokens ({self.max_new_tokens})")
+
+
+@dataclass
+class SelectConfig:
+    """`dail select`: the problems an evaluation found hard, as an expert set.
+
+    The paper's e1-verifiable is the AIME problems its base model fails in all 32 samples:
+    `dail eval --n 32` on the expert problems, then `dail select --max_correct 0`.
+    """
+    eval_dir: str = _f("runs/eval", "A finished `dail eval` folder (samples.jsonl, config.yaml): its saved data "
+                       "config names the problems, its samples give each one's correct count.")
+    out: str = _f("runs/select/experts.jsonl", "Expert-set JSONL to write (every expert field of the selected "
+                  "problems; meta.selected says how they were chosen). The resolved config goes next to it as "
+                  "<stem>.config.yaml.")
+    max_correct: int = _f(0, "Keep problems with at most this many correct samples of the evaluation's n. 0 as in "
+                          "the paper (failed in all 32 samples).")
+
+    def __post_init__(self) -> None:
+        _check(bool(self.eval_dir.strip()), "eval_dir", "must name a dail eval folder")
+        _check(_is_int(self.max_correct) and self.max_correct >= 0, "max_correct", "must be an integer >= 0")
+        _check(self.out.endswith(".jsonl"), "out", f"expected a .jsonl path, got {self.out!r}")
 
 
 @dataclass
@@ -406,7 +489,7 @@ class RunConfig:
     train: TrainConfig = _sub(TrainConfig, "Stage 2.", run_sets=("model", "data", "expert", "out"))
     eval: EvalConfig = _sub(lambda: EvalConfig(budgets=[64, 128, 256]),
                             "Evaluation (budgets: pass@k is also graded at these token counts).",
-                            run_sets=("model", "adapter", "data", "out"))
+                            run_sets=("model", "adapter", "data", "out", "samples", "export_prompts"))
     eval_train: bool = _f(False, "Also evaluate base and trained models on the training problems "
                           "(train-versus-test gap).")
 
@@ -456,7 +539,7 @@ class CompareConfig:
     train: TrainConfig = _sub(TrainConfig, "Training settings shared by every trained method (loss is set per "
                               "method).", run_sets=("model", "data", "expert", "out", "loss", "seed", "resume"))
     eval: EvalConfig = _sub(EvalConfig, "Evaluation settings shared by every method and split.",
-                            run_sets=("model", "adapter", "data", "out"))
+                            run_sets=("model", "adapter", "data", "out", "samples", "export_prompts"))
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.methods if m not in COMPARE_METHODS]
@@ -489,7 +572,7 @@ class SweepConfig:
     train: TrainConfig = _sub(TrainConfig, "Training settings (gamma is swept).",
                               run_sets=("model", "data", "expert", "out", "gamma", "resume"))
     eval: EvalConfig = _sub(EvalConfig, "Evaluation on the validation split.",
-                            run_sets=("model", "adapter", "data", "out"))
+                            run_sets=("model", "adapter", "data", "out", "samples", "export_prompts"))
 
     def __post_init__(self) -> None:
         _check(bool(self.taus) and all(isinstance(t, (int, float)) and t >= 0 for t in self.taus), "taus",

@@ -8,8 +8,19 @@ comes from one of:
   is by template, so test problems come from templates never seen in training;
 - `champ`: the CHAMP competition set from `champ-dataset`, solution = its steps joined,
   split by a fixed seeded shuffle of problem ids;
-- a Hugging Face dataset (`hf:NAME`) or a folder written by `datasets.save_to_disk`, with a
-  field mapping.
+- a Hugging Face dataset (`hf:NAME`) or a folder written by `datasets.save_to_disk`, or a
+  Parquet file.
+
+Files and datasets are read by their layout, recognised by their columns (`detect_layout`):
+dail's own (`id`, `problem`, `solution`, ...), and the two layouts of the paper's released
+data, so those load with no field mapping: verl (the evaluation sets: a chat `prompt`,
+`reward_model.ground_truth`, `extra_info.index`) and e1 (the training sets: `problem_id`,
+`problem`, `solution`, answer = the solution's last `\\boxed{}`). `data.fields` maps any
+other layout ({our name: column}, dotted for nested columns); an unknown one is an error
+that lists the columns found and the mapping to pass.
+
+An expert record without an answer is valid: a proof, or any problem nobody can grade.
+Synthesis keeps its trajectories ungraded; `dail eval` refuses a set with no answers at all.
 
 Errors name the file, the line (or row) and the field, and say what was expected.
 """
@@ -27,9 +38,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from dail.answers import boxes
 from dail.config import DataConfig
 
-__all__ = ["Example", "DataError", "load_examples", "load_problems", "load_jsonl", "load_benchmark", "split_ids"]
+__all__ = ["Example", "DataError", "load_examples", "load_problems", "load_jsonl", "load_benchmark", "split_ids",
+           "detect_layout", "LAYOUTS"]
 
 
 class DataError(ValueError):
@@ -53,10 +66,14 @@ _REQUIRED = ("id", "problem", "solution")
 _OPTIONAL = ("answer", "landmarks", "meta")
 
 
-def _example_from_obj(obj: Any, where: str) -> Example:
-    """Validate one record; `where` is 'file:line' or 'dataset row N'."""
+def _example_from_obj(obj: Any, where: str, require_solution: bool = True) -> Example:
+    """Validate one record; `where` is 'file:line' or 'dataset row N'. Without `require_solution`
+    (problems to evaluate) a missing solution is ""."""
     if not isinstance(obj, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    no_solution = not require_solution and obj.get("solution") in (None, "")
+    if no_solution:
+        obj = obj | {"solution": ""}
     for key in _REQUIRED:
         if key not in obj:
             raise DataError(f"{where}: missing field '{key}' (required: id, problem, solution)")
@@ -65,10 +82,12 @@ def _example_from_obj(obj: Any, where: str) -> Example:
         ex_id = str(ex_id)
     if not isinstance(ex_id, str) or not ex_id.strip():
         raise DataError(f"{where}: field 'id': expected a non-empty string or integer, got {obj['id']!r}")
-    for key in ("problem", "solution"):
+    for key in ("problem",) if no_solution else ("problem", "solution"):
         if not isinstance(obj[key], str) or not obj[key].strip():
             raise DataError(f"{where}: field '{key}': expected a non-empty string, got {obj[key]!r}")
     answer = obj.get("answer")
+    if isinstance(answer, str) and not answer.strip():
+        answer = None  # an empty answer is no answer (a proof), not a gold "" to grade against
     if answer is not None:
         if isinstance(answer, (int, float)) and not isinstance(answer, bool):
             answer = str(answer)
@@ -133,22 +152,166 @@ def _lines(path: Path, keep_blank: bool = False) -> Iterator[tuple[int, str]]:
                 yield lineno, text
 
 
-def load_jsonl(path: str | Path) -> list[Example]:
-    """Load and validate an expert-set JSONL file."""
+def load_jsonl(path: str | Path, fields: dict | None = None, require_solution: bool = True) -> list[Example]:
+    """Load and validate an expert-set JSONL file (any layout `detect_layout` knows, or `fields`)."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: file not found")
+    rows = [(_json(text, f"{path}:{lineno}"), f"{path}:{lineno}") for lineno, text in _lines(path)]
+    if not rows:
+        raise DataError(f"{path}: no examples (the file is empty)")
+    return _examples_from_rows(rows, str(path), fields, require_solution=require_solution)
+
+
+def load_parquet(path: str | Path, fields: dict | None = None, require_solution: bool = True) -> list[Example]:
+    """Load and validate an expert set exported as Parquet (rows numbered from 1 in errors)."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: file not found")
+    rows = [(row, f"{path} row {i}") for i, row in enumerate(_benchmark_rows(path), start=1)]
+    if not rows:
+        raise DataError(f"{path}: no rows (the file is empty)")
+    return _examples_from_rows(rows, str(path), fields, require_solution=require_solution)
+
+
+# ----------------------------------------------------------------------------- layouts
+
+# How each known layout's columns map to an Example's fields ({our name: column}; a dotted
+# column reads a nested field). dail's own layout maps every name to itself.
+LAYOUTS: dict[str, dict[str, str]] = {
+    "dail": {k: k for k in _REQUIRED + _OPTIONAL},
+    # The paper's evaluation sets, in verl's RL layout: `prompt` is a list of chat messages
+    # whose user message is the problem. There is no solution.
+    "verl": {"id": "extra_info.index", "problem": "prompt", "answer": "reward_model.ground_truth"},
+    # The paper's training sets (e1-verifiable, e1-proof): the authors' code reads these three
+    # columns; the answer is the last \boxed{} of the solution (a proof has none).
+    "e1": {"id": "problem_id", "problem": "problem", "solution": "solution"},
+}
+
+
+def detect_layout(columns: Iterable[str]) -> str | None:
+    """The layout a table with these columns is in (a key of LAYOUTS), or None if unknown."""
+    cols = set(columns)
+    if {"prompt", "reward_model"} <= cols:
+        return "verl"
+    if {"problem_id", "problem", "solution"} <= cols and "id" not in cols:
+        return "e1"
+    if "problem" in cols:
+        return "dail"
+    return None
+
+
+# Column names `dail` proposes for each field when a layout is unknown (case-insensitive): the
+# benchmark names (BENCHMARK_FIELDS) first, then these.
+_MORE_NAMES = {
+    "problem": ("prompt", "input", "query", "statement", "informal_statement", "instruction"),
+    "solution": ("proof", "informal_solution", "gold_standard_solution", "rationale", "response", "output"),
+    "answer": ("ground_truth", "target", "label"),
+}
+
+
+def _suggest_fields(columns: list[str]) -> str:
+    """A `--data.fields` value for these columns: a guessed column per field, `<column>` where
+    none fits (id and answer are left out when none fits: both are optional)."""
+    lower = {c.lower(): c for c in columns}
+    parts = []
+    for key in ("id", "problem", "solution", "answer"):
+        names = BENCHMARK_FIELDS.get(key, ()) + _MORE_NAMES.get(key, ())
+        found = next((lower[n.lower()] for n in names if n.lower() in lower), None)
+        if found is not None or key in ("problem", "solution"):
+            parts.append(f"{key}: {found if found is not None else '<column>'}")
+    return "--data.fields '{" + ", ".join(parts) + "}'"
+
+
+def _layout(columns: list[str], fields: dict | None, name: str) -> tuple[str, dict[str, str]]:
+    """(layout name, {our name: column}) for a table with `columns`; `fields` overrides."""
+    layout = detect_layout(columns) or "custom"
+    mapping = dict(LAYOUTS.get(layout, LAYOUTS["dail"])) | dict(fields or {})
+    if _column(mapping["problem"]) not in columns:
+        found = ", ".join(map(str, columns)) or "none"
+        what = (f"field 'problem' is mapped to column {mapping['problem']!r}, which the data lacks" if "problem" in
+                (fields or {}) else "unknown layout, no problem column")
+        raise DataError(f"{name}: {what} (columns found: {found}). dail reads its own layout (id, problem, "
+                        "solution, answer), verl (prompt, reward_model, extra_info) and the paper's training sets "
+                        f"(problem_id, problem, solution). Map the columns, e.g. {_suggest_fields(columns)} (a "
+                        "dotted name reads a nested field)")
+    return layout, mapping
+
+
+def _column(path: str) -> str:
+    """The top-level column of a (dotted) field path."""
+    return path.split(".", 1)[0]
+
+
+def _get(row: dict, path: str) -> Any:
+    """`row[path]`, or the nested field a dotted path names (None where missing)."""
+    if path in row:
+        return row[path]
+    value: Any = row
+    for part in path.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    return value
+
+
+def _user_message(messages: list, where: str, column: str) -> str:
+    """The problem in a chat-format prompt: the content of its (last) user message."""
+    users = [m.get("content") for m in messages if isinstance(m, dict) and m.get("role") == "user"]
+    if not users or not isinstance(users[-1], str):
+        raise DataError(f"{where}: field 'problem' (column {column!r}): expected a list of chat messages with a "
+                        f"user message, got {messages!r:.200}")
+    return users[-1]
+
+
+def _last_box(solution: Any) -> str | None:
+    """The content of the last `\\boxed{}` of a solution (the e1 layout's answer), or None."""
+    found = boxes(solution) if isinstance(solution, str) else []
+    return (found[-1].answer.strip() or None) if found else None
+
+
+def _examples_from_rows(rows: list[tuple[Any, str]], name: str, fields: dict | None, default_ids: bool = False,
+                        require_solution: bool = True, columns: list[str] | None = None) -> list[Example]:
+    """Examples from table rows ((row, where) pairs), read by the layout their `columns` show
+    (default: the first row's keys).
+
+    dail's own layout without `fields` is validated as written (an id is required unless
+    `default_ids`); any other layout, or a mapping, is read through it, with ids
+    `<name>-<row>` where the data has none.
+    """
+    if columns is None:
+        first = next((row for row, _ in rows if isinstance(row, dict)), None)
+        columns = list(first) if first is not None else []
+    layout, mapping = _layout(columns, fields, name)
+    solution_col = mapping.get("solution")
+    # dail's own layout is checked record by record below, so a missing solution names its line.
+    if require_solution and (layout != "dail" or fields) and (solution_col is None
+                                                             or _column(solution_col) not in columns):
+        raise DataError(f"{name}: no solution column ({layout} layout; columns: {', '.join(map(str, columns))}): "
+                        "an expert set needs each problem's solution"
+                        + (". A verl-layout set is an evaluation set: use it with dail eval" if layout == "verl"
+                           else f"; set data.fields.solution, e.g. {_suggest_fields(columns)}"))
+    stem = Path(name).stem if os.path.isfile(name) else Path(name).name
 
     def parsed() -> Iterator[tuple[Example, str]]:
-        for lineno, text in _lines(path):
-            where = f"{path}:{lineno}"
-            obj = _json(text, where)
-            yield _example_from_obj(obj, where), where
+        for i, (row, where) in enumerate(rows):
+            if not isinstance(row, dict):
+                raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+            if layout == "dail" and not fields:
+                obj = dict(row)
+            else:
+                obj = {k: v for k, col in mapping.items() if (v := _get(row, col)) is not None}
+                if layout != "dail":
+                    obj["meta"] = {"layout": layout} | (obj.get("meta") if isinstance(obj.get("meta"), dict) else {})
+            if default_ids or layout != "dail":
+                obj.setdefault("id", f"{stem}-{i}")
+            if isinstance(obj.get("problem"), list):
+                obj["problem"] = _user_message(obj["problem"], where, mapping["problem"])
+            if layout == "e1" and "answer" not in (fields or {}):
+                obj["answer"] = _last_box(obj.get("solution"))
+            yield _example_from_obj(obj, where, require_solution), where
 
-    examples = _check_unique(parsed())
-    if not examples:
-        raise DataError(f"{path}: no examples (the file is empty)")
-    return examples
+    return _check_unique(parsed())
 
 
 # ----------------------------------------------------------------------------- splits
@@ -258,8 +421,9 @@ def load_champ(cfg: DataConfig) -> list[Example]:
 
 # ----------------------------------------------------------------------------- Hugging Face
 
-def load_hf(cfg: DataConfig) -> list[Example]:
-    """`hf:NAME` (needs a reachable hub or a local cache) or a `save_to_disk` folder."""
+def load_hf(cfg: DataConfig, require_solution: bool = True) -> list[Example]:
+    """`hf:NAME` (needs a reachable hub or a local cache) or a `save_to_disk` folder, read by its
+    layout (`detect_layout`) or `cfg.fields`."""
     try:
         import datasets
     except ImportError:
@@ -275,20 +439,12 @@ def load_hf(cfg: DataConfig) -> list[Example]:
             if cfg.hf_split not in ds:
                 raise DataError(f"{source}: no split {cfg.hf_split!r} (has: {', '.join(ds)})")
             ds = ds[cfg.hf_split]
-    mapping = {k: k for k in _REQUIRED + _OPTIONAL} | dict(cfg.fields)
-    for key in ("problem", "solution"):
-        if mapping[key] not in ds.column_names:
-            raise DataError(f"{name}: field '{key}' is mapped to column {mapping[key]!r}, which the dataset "
-                            f"lacks (columns: {', '.join(ds.column_names)}); set data.fields.{key}")
-
-    def rows() -> Iterator[tuple[Example, str]]:
-        for i, row in enumerate(ds):
-            obj = {k: row[col] for k, col in mapping.items() if col in row and row[col] is not None}
-            obj.setdefault("id", f"{Path(name).name}-{i}")
-            where = f"{name} row {i}"
-            yield _example_from_obj(obj, where), where
-
-    examples = _check_unique(rows())
+    # A row holds every column, None where it has no value: a missing value, as in a JSONL record.
+    rows = [({k: v for k, v in row.items() if v is not None}, f"{name} row {i}") for i, row in enumerate(ds)]
+    if not rows:
+        raise DataError(f"{name}: no rows (the dataset is empty)")
+    examples = _examples_from_rows(rows, name, cfg.fields, default_ids=True, require_solution=require_solution,
+                                   columns=list(ds.column_names))
     if cfg.limit:
         examples = examples[: cfg.limit]
     return examples
@@ -296,17 +452,21 @@ def load_hf(cfg: DataConfig) -> list[Example]:
 
 # ----------------------------------------------------------------------------- entry point
 
-def load_examples(cfg: DataConfig) -> list[Example]:
-    """The expert set described by `cfg` (see DataConfig.source)."""
+def load_examples(cfg: DataConfig, require_solution: bool = True) -> list[Example]:
+    """The expert set described by `cfg` (see DataConfig.source). Without `require_solution`
+    (problems to evaluate), a problem may come without a solution."""
     source = cfg.source
     if source == "gsm-symbolic":
         return load_gsm_symbolic(cfg)
     if source == "champ":
         return load_champ(cfg)
     if source.startswith("hf:") or (os.path.isdir(source)):
-        return load_hf(cfg)
+        return load_hf(cfg, require_solution)
+    if source.lower().endswith(".parquet") and os.path.isfile(source):
+        examples = load_parquet(source, cfg.fields, require_solution)
+        return examples[: cfg.limit] if cfg.limit else examples
     if source.endswith(".jsonl") or os.path.isfile(source):
-        examples = load_jsonl(source)
+        examples = load_jsonl(source, cfg.fields, require_solution)
         return examples[: cfg.limit] if cfg.limit else examples
     raise DataError(f"data source {source!r}: not a built-in source (gsm-symbolic, champ), an existing "
                     "file or folder, or hf:NAME")
@@ -314,20 +474,35 @@ def load_examples(cfg: DataConfig) -> list[Example]:
 
 def load_problems(data: DataConfig) -> list[Example]:
     """Problems to evaluate: a local benchmark file (JSONL, JSON array, Parquet or CSV; a
-    solution is optional), or any expert-set source. Problems without a gold answer are left
-    out with a warning; none at all is an error."""
+    solution is optional), or any expert-set source; only those with a gold answer
+    (`gradable`)."""
     source = data.source
     if os.path.isfile(source) and source.lower().endswith((".jsonl", ".json", ".parquet", ".csv")):
-        problems = load_benchmark(source, data.fields)
+        problems = load_benchmark(source, data.fields)  # a row without an answer is an error there
         problems = problems[: data.limit] if data.limit else problems
     else:
-        problems = load_examples(data)
+        problems = load_examples(data, require_solution=False)
+    return gradable(problems, source)
+
+
+def gradable(problems: list[Example], source: str) -> list[Example]:
+    """The problems that have a gold answer, for `dail eval`, which grades every sample against it.
+
+    A set where none has one (proofs, other unverifiable problems) is refused with a message
+    naming the source and a problem, rather than evaluated as all wrong. Where only some lack
+    one, those are left out with a warning naming one of them.
+    """
     graded = [ex for ex in problems if ex.answer is not None]
-    if len(graded) < len(problems):
-        warnings.warn(f"{source}: {len(problems) - len(graded)} of {len(problems)} problems have no gold "
-                      "answer and are skipped", stacklevel=2)
+    missing = [ex.id for ex in problems if ex.answer is None]
     if not graded:
-        raise DataError(f"{source}: no problem has a gold answer, so nothing can be graded")
+        raise DataError(f"{source}: none of its {len(problems)} problems has a gold answer (e.g. id {missing[0]!r}), "
+                        "so nothing can be graded. dail eval grades each sample against the answer; proofs and "
+                        "other problems without a checkable answer can be synthesized from and trained on, not "
+                        "evaluated. If the answers are in another column, set data.fields.answer"
+                        if missing else f"{source}: no problems")
+    if missing:
+        warnings.warn(f"{source}: {len(missing)} of {len(problems)} problems have no gold answer and are not "
+                      f"evaluated (e.g. id {missing[0]!r})", stacklevel=3)
     return graded
 
 
@@ -375,9 +550,11 @@ def load_benchmark(path: str | Path, fields: dict | None = None) -> list[Example
     """A local benchmark file (JSONL, Parquet or CSV) as examples to evaluate on.
 
     Unlike an expert set, `solution` is optional (it is "" when absent) and `answer` is
-    required. Columns are found through BENCHMARK_FIELDS; `fields` ({our name: column})
-    overrides. Multiple choice: a `Correct Answer` column plus `Incorrect Answer N` columns
-    (GPQA), or a `choices` list with `answer` as a letter or 0-based index; the example then
+    required. Columns are found through BENCHMARK_FIELDS, and the paper's released layouts by
+    `detect_layout` (verl: chat prompt, nested ground truth and index; e1: the answer is the
+    solution's last box); `fields` ({our name: column}, dotted for a nested field) overrides.
+    Multiple choice: a `Correct Answer` column plus `Incorrect Answer N` columns (GPQA), or a
+    `choices` list with `answer` as a letter or 0-based index; the example then
     carries meta = {"choices": [...], "correct": index} and its answer is the correct option.
     """
     path = Path(path)
@@ -392,10 +569,14 @@ def load_benchmark(path: str | Path, fields: dict | None = None) -> list[Example
         found = next((n for n in names if n in columns), None)
         if found is not None:
             mapping[key] = found
+    layout = detect_layout(columns)
+    if layout == "verl":
+        mapping = LAYOUTS["verl"] | mapping
     mapping.update(fields or {})
+    box_answer = layout == "e1" and "answer" not in mapping  # the e1 layout's answer: the solution's last box
     if "problem" not in mapping:
         raise DataError(f"{path}: no problem column (tried {', '.join(BENCHMARK_FIELDS['problem'])}; columns: "
-                        f"{', '.join(columns)}); set data.fields.problem")
+                        f"{', '.join(columns)}); set data.fields.problem, e.g. {_suggest_fields(columns)}")
     wrong_cols = sorted((c for c in columns if re.fullmatch(r"Incorrect Answer \d+", c)),
                         key=lambda c: int(c.rsplit(" ", 1)[1]))
     out = []
@@ -406,14 +587,19 @@ def load_benchmark(path: str | Path, fields: dict | None = None) -> list[Example
 
         def get(key: str) -> Any:
             col = mapping.get(key)
-            value = row.get(col) if col is not None else None
+            value = _get(row, col) if col is not None else None
             return None if value is None or (isinstance(value, str) and not value.strip()) else value
 
         problem = get("problem")
+        if isinstance(problem, list):  # a chat-format prompt (verl)
+            problem = _user_message(problem, where, mapping["problem"])
         if not isinstance(problem, str):
             raise DataError(f"{where}: field 'problem' (column {mapping['problem']!r}): expected a non-empty "
                             f"string, got {problem!r}")
-        meta: dict = {"source": path.name}
+        # An expert set used as a benchmark keeps its own meta and landmarks (`dail select` copies them on).
+        meta: dict = {"source": path.name} | (row["meta"] if isinstance(row.get("meta"), dict) else {})
+        marks = row.get("landmarks")
+        marks = marks if isinstance(marks, list) and all(isinstance(m, str) for m in marks) else None
         if get("correct") is not None:
             choices = [str(get("correct")).strip()] + [str(row[c]).strip() for c in wrong_cols
                                                        if row.get(c) not in (None, "")]
@@ -434,10 +620,13 @@ def load_benchmark(path: str | Path, fields: dict | None = None) -> list[Example
             meta |= {"choices": choices, "correct": idx}
             answer = choices[idx]
         else:
-            answer = get("answer")
+            answer = _last_box(get("solution")) if box_answer else get("answer")
             if answer is None:
-                raise DataError(f"{where}: field 'answer' (column {mapping.get('answer')!r}): missing; every "
-                                "benchmark problem needs a gold answer (set data.fields.answer)")
+                source = "the solution has no \\boxed{}" if box_answer else f"column {mapping.get('answer')!r}"
+                raise DataError(f"{where}: field 'answer' ({source}): missing for problem {get('id') or i!r}. Every "
+                                "benchmark problem needs a gold answer to grade against, so proofs and other problems "
+                                "without a checkable answer cannot be graded (if the answers are in another "
+                                "column, set data.fields.answer)")
             if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
                 raise DataError(f"{where}: field 'answer' (column {mapping.get('answer')!r}): expected a string "
                                 f"or number, got {type(answer).__name__} {answer!r}")
@@ -448,5 +637,5 @@ def load_benchmark(path: str | Path, fields: dict | None = None) -> list[Example
             _check_text(value, where, key)
         out.append(Example(id=str(ex_id) if ex_id is not None else f"{path.stem}-{i}", problem=problem.strip(),
                            solution=str(solution).strip() if solution is not None else "", answer=answer,
-                           meta=meta))
+                           landmarks=marks, meta=meta))
     return _check_unique((ex, f"{path} row {i + 1}") for i, ex in enumerate(out))

@@ -23,6 +23,15 @@ Where we differ from the paper: when the teacher replaces a token it samples at 
 sampling temperature and top-p (the paper only says "sample from M_T"), so that with
 temperature 0 the pure-teacher limit is the teacher's greedy output. Acceptance always uses
 the teacher's temperature-1, full-vocabulary probability, as the paper specifies.
+
+Penalties and banned tokens shape only the sampling distributions (the student's proposal and
+the teacher's replacement), never the acceptance probability:
+- presence / frequency penalties, with OpenAI and vLLM semantics: `logits -= presence·1[c > 0]
+  + frequency·c`, where `c` counts the token among this row's generated tokens (never the
+  prompt's), applied before temperature and top-p. The paper's evaluation uses presence 1.5;
+- `banned_ids` get probability 0 at every step: synthesis inside a thinking block bans the
+  closing think tag, so a trajectory stays a thinking trace (`dail.prompts.think_close_ids`).
+With both penalties 0 and nothing banned the code path is the one without them, bit for bit.
 """
 
 from __future__ import annotations
@@ -48,9 +57,20 @@ class Decoded:
     q: list[float] = field(default_factory=list)           # behaviour-policy prob of the token
 
 
-def sampling_probs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
-    """(R, V) logits -> (R, V) float32 sampling distribution (one-hot argmax at temperature 0)."""
+def sampling_probs(logits: torch.Tensor, temperature: float, top_p: float, *, counts: torch.Tensor | None = None,
+                   presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
+                   banned: torch.Tensor | None = None) -> torch.Tensor:
+    """(R, V) logits -> (R, V) float32 sampling distribution (one-hot argmax at temperature 0).
+
+    `counts` (R, V): how often each token occurs among the row's generated tokens; the
+    penalties subtract `presence·1[count > 0] + frequency·count` from the logits first (OpenAI /
+    vLLM semantics). `banned` (ids): tokens that may never be drawn.
+    """
     logits = logits.float()
+    if counts is not None and (presence_penalty or frequency_penalty):
+        logits = logits - presence_penalty * (counts > 0).float() - frequency_penalty * counts
+    if banned is not None and banned.numel():
+        logits = logits.index_fill(-1, banned, float("-inf"))
     if temperature == 0:
         return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
     probs = torch.softmax(logits / temperature, dim=-1)
@@ -152,12 +172,17 @@ def decode(
     teacher_prompts: list[list[int]] | None = None,
     tau: float = 0.0,
     writer: str = "student",
+    presence_penalty: float = 0.0,
+    frequency_penalty: float = 0.0,
+    banned_ids: list[int] | None = None,
 ) -> list[Decoded]:
     """Decode one sequence per prompt.
 
     Without `teacher_prompts`: plain sampling from `prompts`; `writer` ("student" or
     "teacher") only labels who produced the tokens. With `teacher_prompts` (aligned with
     `prompts`): mixed-policy decoding with threshold `tau`, one fused forward per token.
+    `presence_penalty`, `frequency_penalty` and `banned_ids` shape the sampling distributions
+    (module docstring); `p_student` and `q` are then the probabilities actually sampled from.
     """
     B = len(prompts)
     if len(generators) != B:
@@ -169,6 +194,12 @@ def decode(
     logits, cache, mask, next_pos = _prefill(model, rows, pad_id, groups=2 if mixed else 1)
     device = logits.device
     stop = torch.tensor(sorted(set(stop_ids)), device=device)
+    banned = torch.tensor(sorted(set(banned_ids)), dtype=torch.long, device=device) if banned_ids else None
+    penalized = bool(presence_penalty or frequency_penalty)
+    # (n, V) occurrences of each token among a live row's generated tokens (penalties only).
+    counts = torch.zeros(B, logits.shape[-1], device=device) if penalized else None
+    shape = dict(counts=counts, presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+                 banned=banned)
 
     results: list[Decoded | None] = [None] * B
     toks: list[list[int]] = [[] for _ in range(B)]
@@ -178,12 +209,12 @@ def decode(
         n = len(active)
         u = torch.stack([torch.rand(2, generator=generators[i]) for i in active]).to(device)  # (n, 2)
         ls = logits[:n]
-        ps = sampling_probs(ls, temperature, top_p)                                  # (n, V)
+        ps = sampling_probs(ls, temperature, top_p, **shape)                         # (n, V)
         t_student = _draw(ps, u[:, 0])
         if mixed:
             lt = logits[n:]
             pt_full = torch.softmax(lt.float(), dim=-1)                               # temperature 1
-            pt_sample = sampling_probs(lt, temperature, top_p)
+            pt_sample = sampling_probs(lt, temperature, top_p, **shape)
             t_teacher = _draw(pt_sample, u[:, 1])
             accept = pt_full.gather(-1, t_student[:, None]).squeeze(-1) >= tau
             chosen = torch.where(accept, t_student, t_teacher)
@@ -201,6 +232,8 @@ def decode(
             q = p_s
             by_teacher = torch.full_like(chosen, writer == "teacher", dtype=torch.bool)
 
+        if counts is not None:
+            counts[torch.arange(n, device=device), chosen] += 1
         chosen_l, by_t, ps_l, pt_l, q_l = (x.tolist() for x in (chosen, by_teacher, p_s, p_t, q))
         is_stop = torch.isin(chosen, stop).tolist()
         keep = []
@@ -223,6 +256,9 @@ def decode(
             cache.batch_select_indices(sel)
             mask, next_pos = mask[sel], next_pos[sel]
             chosen = chosen[sel[: len(keep)]]
+            if counts is not None:
+                counts = counts[sel[: len(keep)]]
+                shape["counts"] = counts
         feed = torch.cat([chosen, chosen]) if mixed else chosen                         # (R,)
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
         out = model(input_ids=feed[:, None], attention_mask=mask, position_ids=next_pos[:, None],

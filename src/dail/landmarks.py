@@ -62,6 +62,29 @@ as currency. Juxtaposed prose operands are not joined (`sum_(i=1)^n i^3` gives
 
 code: function signatures only (`def f(x):`, `function f(a, b)`, `fn f(x: i32) -> i32`).
 
+proof: for solutions that are proofs (no checkable answer), the statements a reader could
+check a derivation against, without the derivation. The text is cut into sentences (math
+masked; a period after a bare heading such as `Lemma 1` or after `e.g.`, `i.e.`, `cf.` ends
+nothing; a blank line, and a line that opens with a heading word or `#`, ends one). Kept, in
+order of position, each once (whitespace-insensitive):
+1. Claims: every sentence that opens with Lemma, Claim, Proposition, Theorem, Corollary or
+   Observation (markdown `**`, `#` or `\\textbf{` before it allowed), every sentence that says
+   "we (will / first / now / shall / need to / want to) show|prove|claim that" or "it suffices
+   to show|prove", and the content of every lemma/claim/proposition/theorem/corollary
+   environment.
+2. Displayed equations: the content of every `$$...$$`, `\\[...\\]` and equation / align-like
+   environment that is not inside a kept sentence (a claim that holds one already shows it).
+3. The conclusion: the sentence that ends each proof, i.e. the last sentence before a QED mark
+   (`∎`, `□`, `■`, `\\qed`, `\\blacksquare`, `\\square`, `\\Box`, `Q.E.D.`, `QED`, `\\end{proof}`,
+   "this completes the proof", "the proof is complete") or holding it (the mark removed); and
+   after the last mark (or in a text without one), the last sentence that opens with
+   Therefore, Hence, Thus, Consequently, So, "We conclude", "In conclusion", "It follows
+   that", else the last sentence.
+4. Boxes (`\\boxed{}`): a proof that also names a result ("find all n, and prove ...").
+Sentences are kept as written (math delimiters included, whitespace runs made one space,
+markdown `**` / `__` / leading `#` removed); display contents lose their delimiters and
+trailing punctuation. The paper gives no rule for proofs; these are ours.
+
 regex:PATTERN: every match of a user pattern (group 1 if it has one), multiline.
 
 An example may carry its own `landmarks` list, which overrides extraction (see `data.py`).
@@ -76,7 +99,7 @@ from dail.answers import BOX_OPEN, boxes, final_answers
 
 __all__ = ["extract_landmarks", "check_kind", "KINDS"]
 
-KINDS = ("math", "code", "regex:PATTERN")
+KINDS = ("math", "code", "proof", "regex:PATTERN")
 
 _SIGNATURE = re.compile(
     r"^\s*(?:async\s+)?def\s+\w+\s*\([^)]*\)\s*(?:->\s*[^:]+)?:"
@@ -452,6 +475,143 @@ def _math(solution: str) -> list[tuple[int, str]]:
     return found
 
 
+# ----------------------------------------------------------------------------- proofs
+
+_CLAIM_WORDS = r"lemma|claim|proposition|theorem|corollary|observation"
+_HEADING_WORDS = _CLAIM_WORDS + r"|proof|case|step|solution|part|remark|note|fact|definition"
+_MARKUP = r"[ \t*_#]*(?:\\textbf\{)?"
+_QED_COMMAND = r"\\(?:qed|blacksquare|square|Box|qedsymbol)(?![a-zA-Z])"
+# Where a sentence ends: a blank line; a line break before a heading or `#`; `.`, `!`, `?` (plus
+# closing markup or brackets) before whitespace; a QED mark (math spans that hold only a QED
+# command are left unmasked for this).
+_BREAK = re.compile(rf"(?P<blank>\n[ \t]*\n)|(?P<line>\n(?=[ \t]*(?:#|[*_]*(?:{_HEADING_WORDS})\b)))"
+                    r"|(?P<stop>[.!?][*_)\]\"']*(?=\s))"
+                    rf"|(?P<qed>\\end\{{proof\}}|∎|□|■|\$+{_QED_COMMAND}\$+|\\\({_QED_COMMAND}\\\))",
+                    re.IGNORECASE)
+# A sentence so far that is only a heading ("Lemma 1", "**Claim 2 (key)", "Proof", "Case 2.1"): its
+# period ends nothing. The label is a number, a roman numeral or a letter, so "Note that x." still ends.
+_HEADING_ONLY = re.compile(rf"^\s*{_MARKUP}(?:{_HEADING_WORDS})(?:\s+(?:\d+(?:\.\d+)*|[IVX]+|[A-Za-z]))?"
+                           r"\s*(?:\([^()\n]{0,40}\))?[*_}]*$", re.IGNORECASE)
+_ABBREV = re.compile(r"(?:^|[\s(])(?:e\.g|i\.e|etc|cf|resp|vs|viz|eq|eqs|fig|thm|lem|prop|no)$", re.IGNORECASE)
+_CLAIM = re.compile(rf"^{_MARKUP}(?:{_CLAIM_WORDS})\b"
+                    r"|\b(?:we|i)\s+(?:will\s+|first\s+|now\s+|shall\s+|need\s+to\s+|want\s+to\s+|must\s+)?"
+                    r"(?:show|prove|claim)\s+that\b|\bit\s+suffices\s+to\s+(?:show|prove)\b", re.IGNORECASE)
+_CLAIM_ENV = re.compile(rf"\\begin\{{({_CLAIM_WORDS})\*?\}}(?:\[[^\]\n]*\])?(.*?)\\end\{{\1\*?\}}",
+                        re.IGNORECASE | re.DOTALL)
+_QED_MARK = re.compile(rf"(?:\$*{_QED_COMMAND}\$*|∎|□|■|\\end\{{proof\}}"
+                       r"|\bQ\.\s?E\.\s?D\b\.?|\bQED\b\.?)[\s.$]*$")
+_QED_SENTENCE = re.compile(r"^\W*(?:this|which)\s+(?:completes|concludes|finishes)\s+the\s+proof\b"
+                           r"|^\W*the\s+proof\s+is\s+(?:complete|finished)\b", re.IGNORECASE)
+_CONCLUDING = re.compile(rf"^{_MARKUP}(?:therefore|hence|thus|consequently|so|we\s+conclude|in\s+conclusion"
+                         r"|it\s+follows\s+that)\b", re.IGNORECASE)
+
+
+def _sentences(text: str, masked: str) -> list[tuple[int, int]]:
+    """(start, end) of every sentence with content; `masked` is `text` with math spans blanked,
+    so a period inside math ends nothing."""
+    out, start = [], 0
+    for m in _BREAK.finditer(masked):
+        if m.group("stop"):
+            before = masked[start:m.start()]
+            if _HEADING_ONLY.match(before) or _ABBREV.search(before):
+                continue
+            end = m.end()
+        elif m.group("qed"):
+            end = m.end()
+        else:
+            end = m.start()
+        out.append((start, end))
+        start = end
+    out.append((start, len(text)))
+    spans = []
+    for a, b in out:
+        while a < b and text[a].isspace():
+            a += 1
+        while b > a and text[b - 1].isspace():
+            b -= 1
+        if a < b:
+            spans.append((a, b))
+    return spans
+
+
+def _sentence_value(s: str) -> str:
+    """A kept sentence as shown: markdown emphasis and a leading `#` removed, whitespace runs made one space."""
+    s = re.sub(r"\*\*|__", "", s)
+    s = re.sub(r"^(?:#+|\\begin\{proof\}(?:\[[^\]\n]*\])?)\s*", "", s.strip())
+    return re.sub(r"\s+", " ", s).strip()
+
+
+def _without_qed(s: str) -> str:
+    """The sentence with a trailing QED mark removed ("" when it was only the mark, or says the
+    proof is complete)."""
+    if _QED_SENTENCE.match(s):
+        return ""
+    rest = _QED_MARK.sub("", s).strip()
+    return rest if re.search(r"[A-Za-z0-9\\]", rest) else ""
+
+
+def _proof(solution: str) -> list[tuple[int, str]]:
+    """(position, value) of every claim, displayed equation, conclusion and box of a proof."""
+    in_box = {b.start: b.end for b in boxes(solution)}
+    spans = _math_spans(solution, in_box)
+    masked = list(solution)
+    for start, end, cs, ce in spans:
+        if re.fullmatch(rf"\s*{_QED_COMMAND}\s*", solution[cs:ce]):
+            continue  # `$\\blacksquare$`: a QED mark, which ends its sentence
+        masked[start:end] = _MASK * (end - start)
+        # A display that ends its sentence ("... gives $$x = 1.$$" or one followed by a line that
+        # opens with a capital letter) ends it in the masked view too.
+        if solution.startswith(("$$", "\\[", "\\begin"), start) and (
+                solution[cs:ce].rstrip().endswith((".", "!", "?"))
+                or re.match(r"[ \t]*\n[ \t]*[A-Z]", solution[end:])):
+            masked[end - 1] = "."
+    sentences = _sentences(solution, "".join(masked))
+    envs = [(m.start(), m.end(), m.start(2), m.group(2)) for m in _CLAIM_ENV.finditer(solution)]
+
+    kept: list[tuple[int, int, str]] = []  # (start, end, value) of the sentences kept whole
+    for a, b in sentences:
+        if any(ea <= a < eb for ea, eb, _, _ in envs):
+            continue  # inside a lemma environment: the environment is the claim
+        if _CLAIM.search(solution[a:b]):
+            kept.append((a, b, _sentence_value(solution[a:b])))
+    for ea, eb, cs, content in envs:
+        kept.append((cs, eb, _sentence_value(content)))
+
+    # Conclusions: the sentence that ends each proof (before or holding its QED mark), and after
+    # the last mark the last concluding sentence (else the last sentence).
+    last_qed = -1
+    for k, (a, b) in enumerate(sentences):
+        text = solution[a:b]
+        if not (_QED_MARK.search(text) or _QED_SENTENCE.match(text)):
+            continue
+        last_qed = k
+        rest = _without_qed(text)
+        if rest:
+            kept.append((a, b, _sentence_value(_QED_MARK.sub("", text))))
+            continue
+        for pa, pb in reversed(sentences[:k]):
+            if _without_qed(solution[pa:pb]):
+                kept.append((pa, pb, _sentence_value(solution[pa:pb])))
+                break
+    tail = [(a, b) for a, b in sentences[last_qed + 1:] if _without_qed(solution[a:b])]
+    if tail:
+        concluding = [(a, b) for a, b in tail if _CONCLUDING.match(solution[a:b])]
+        a, b = (concluding or tail)[-1]
+        kept.append((a, b, _sentence_value(solution[a:b])))
+
+    found = [(a, v) for a, _, v in kept]
+    covered = [(a, b) for a, b, _ in kept]
+    for start, end, cs, ce in spans:
+        display = solution.startswith(("$$", "\\[", "\\begin"), start)
+        if display and not any(a <= start and end <= b for a, b in covered):
+            value = re.sub(r"\s+", " ", solution[cs:ce]).strip()
+            found.append((start, re.sub(r"(?:[.,;:]|\\\\)+$", "", value).strip()))
+    for b_start, b_end in in_box.items():
+        if not any(a <= b_start < b for a, b in covered):
+            found.append((b_start, solution[b_start:b_end].strip()))
+    return found
+
+
 def _code(solution: str) -> list[tuple[int, str]]:
     return [(m.start(), m.group(0).strip()) for m in _SIGNATURE.finditer(solution)]
 
@@ -462,10 +622,10 @@ def _compile(pattern: str) -> re.Pattern:
 
 
 def check_kind(kind: str) -> None:
-    """Raise ValueError, saying what is expected, unless `kind` is math, code or regex:PATTERN."""
+    """Raise ValueError, saying what is expected, unless `kind` is math, code, proof or regex:PATTERN."""
     if not isinstance(kind, str):
         raise ValueError(f"landmark extractor must be a string, one of {', '.join(KINDS)}; got {kind!r}")
-    if kind in ("math", "code"):
+    if kind in ("math", "code", "proof"):
         return
     if kind.startswith("regex:"):
         pattern = kind[len("regex:"):]
@@ -481,19 +641,21 @@ def check_kind(kind: str) -> None:
 
 
 def extract_landmarks(solution: str, kind: str = "math") -> list[str]:
-    """Coarse results of `solution`, in order, without duplicates. `kind`: math|code|regex:PATTERN."""
+    """Coarse results of `solution`, in order, without duplicates. `kind`: math|code|proof|regex:PATTERN."""
     check_kind(kind)
     if kind == "math":
         found = [(pos, _tidy(v)) for pos, v in _math(solution)]
     elif kind == "code":
         found = _code(solution)
+    elif kind == "proof":
+        found = _proof(solution)
     else:
         rx = _compile(kind[len("regex:"):])
         found = [(m.start(), ((m.group(1) if rx.groups else m.group(0)) or "").strip())
                  for m in rx.finditer(solution)]
     seen, out = set(), []
     for _, value in sorted(found, key=lambda t: t[0]):  # stable: ties keep source order
-        key = _key(value) if kind == "math" else value
+        key = _key(value) if kind == "math" else re.sub(r"\s+", "", value) if kind == "proof" else value
         if value and key not in seen:
             seen.add(key)
             out.append(value)

@@ -3,7 +3,7 @@
 A run folder (`dail run`, and each method's folder under `dail compare`):
 
     <run>/config.yaml                  the run's config (loads back with --config)
-    <run>/synth/synthetic.jsonl        stage 1 (+ .rejected/.skipped.jsonl, stats.json, student_fraction.png)
+    <run>/synth/synthetic.jsonl        stage 1 (+ .rejected/.skipped/.unselected.jsonl, stats.json, student_fraction.png)
     <run>/train/adapter/               stage 2, PEFT format (+ metrics.jsonl, train_info.json, checkpoint/)
     <run>/eval/<name>/summary.json     each evaluation (+ samples.jsonl, config.yaml)
     <run>/report.md                    tables and plots
@@ -17,8 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["RunFolder", "shared_synth", "synth_files", "train_files", "grpo_files", "eval_files", "summaries",
-           "finished_adapter"]
+__all__ = ["RunFolder", "shared_synth", "synth_files", "train_files", "grpo_files", "eval_files", "select_files",
+           "summaries", "finished_adapter"]
 
 
 @dataclass(frozen=True)
@@ -60,6 +60,8 @@ def synth_files(out: str | Path) -> dict[str, Path]:
         "out": out,
         "rejected": out.with_name(f"{out.stem}.rejected.jsonl"),
         "skipped": out.with_name(f"{out.stem}.skipped.jsonl"),
+        # kept trajectories that `per_problem` left out of the training set (they move back if it changes)
+        "unselected": out.with_name(f"{out.stem}.unselected.jsonl"),
         "stats": out.with_name("stats.json"),
         "histogram": out.with_name("student_fraction.png"),
         "config": out.with_name("config.yaml"),
@@ -88,10 +90,17 @@ def grpo_files(out: str | Path) -> dict[str, Path]:
 
 
 def eval_files(out: str | Path) -> dict[str, Path]:
-    """What `dail eval` writes into its `out` folder."""
+    """What `dail eval` writes into its `out` folder (prompts and export: `dail eval --export-prompts`)."""
     out = Path(out)
     return {"samples": out / "samples.jsonl", "summary": out / "summary.json", "config": out / "config.yaml",
-            "lock": out / ".lock"}
+            "lock": out / ".lock", "prompts": out / "prompts.jsonl", "export": out / "export.json"}
+
+
+def select_files(out: str | Path) -> dict[str, Path]:
+    """The expert set `dail select` writes (`out`) and its config, `<stem>.config.yaml` next to it
+    (not `config.yaml`: an expert set often shares its folder with other outputs)."""
+    out = Path(out)
+    return {"out": out, "config": out.with_name(f"{out.stem}.config.yaml")}
 
 
 def summaries(run: str | Path) -> list[Path]:

@@ -27,6 +27,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dail.config import ConfigError, ModelConfig
+from dail.prompts import set_thinking
 
 EMBEDDED = "embedded"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -134,6 +135,7 @@ def load_tokenizer(cfg: ModelConfig) -> Any:
         tok = AutoTokenizer.from_pretrained(cfg.name, trust_remote_code=cfg.trust_remote_code)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token  # padding is always masked, so any id works
+    set_thinking(tok, cfg.thinking)  # `prompts.render` reads it: every role formats its context alike
     return tok
 
 

@@ -30,6 +30,20 @@ GSM8K calculator annotations (`<<6*2=12>>`) are removed from the solution the te
 they are a dataset artefact, and a teacher that copies them would pull trajectories away
 from how the model writes. (The landmark extractor still reads them from the raw solution.)
 
+Thinking models (`model.thinking auto|on|off`, docs/design.md "Thinking models"). With
+thinking on, every context above ends in the assistant header followed by the open think tag
+(`<think>\n`), so the trajectory, or an evaluation sample, starts inside the thinking block
+(the authors open the assistant turn with the tag in synthesis; dail does it for every
+context, so that all of them still end in the same ids). `render` reads the setting from the
+tokenizer: `models.load_tokenizer` stores `model.thinking` there (`set_thinking`), so every
+role and every stage that loads the model's tokenizer formats its contexts the same way. The setting
+maps to the template's `enable_thinking` (Qwen3) where the template reads it; the open tag is
+added where the template does not write it itself, and with thinking off a block the template
+opened anyway is closed empty, as Qwen3 does for `enable_thinking=False`. With a template that
+knows no thinking block, `auto` is off and `render` returns exactly the template's ids.
+Evaluation forces an answer out of a sample that reaches its token budget inside the block
+with `FORCED_ANSWER_CUE` (versioned by `FORCED_ANSWER_VERSION`).
+
 Versions. `PROMPT_VERSION` covers the four contexts above, which every stage renders (training
 rebuilds them from each record), and is saved with every output; change it whenever one of
 their wordings changes. A prompt that only one method uses has a version of its own, a
@@ -43,6 +57,8 @@ from __future__ import annotations
 import random
 import re
 from typing import Any
+
+from dail.config import ConfigError
 
 PROMPT_VERSION = "dail-prompts-v1"
 
@@ -98,11 +114,98 @@ def rationalization_messages(problem: str, answer: str) -> list[dict]:
 
 
 def render(tokenizer: Any, messages: list[dict]) -> list[int]:
-    """Token ids of `messages` with the chat template, ending at the assistant header."""
-    ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+    """Token ids of `messages` with the chat template, ending at the assistant header (and, with
+    thinking on, the open think tag after it: `thinking_on`)."""
+    on = thinking_on(tokenizer)
+    source = _template_source(tokenizer)
+    kwargs = {"enable_thinking": on} if "enable_thinking" in source else {}
+    ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, **kwargs)
     if hasattr(ids, "keys"):  # transformers 5 may return a BatchEncoding
         ids = ids["input_ids"]
-    return list(ids)
+    ids = list(ids)
+    if on or template_thinks(tokenizer):  # a template without a thinking block keeps its ids as they are
+        ids += _think_suffix(tokenizer, ids, on)
+    return ids
+
+
+# ----------------------------------------------------------------------------- thinking models
+
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+THINKING_SETTINGS = ("auto", "on", "off")
+
+FORCED_ANSWER_VERSION = "dail-forced-answer-v1"
+# Appended to a sample cut inside its thinking block: close the block, then cue a boxed answer
+# that the grader reads (the forced continuation closes the brace).
+FORCED_ANSWER_CUE = "\n" + THINK_CLOSE + "\n\nThe final answer is \\boxed{"
+
+
+def _template_source(tokenizer: Any) -> str:
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, dict):  # named templates: any of them counts
+        return "\n".join(str(t) for t in template.values())
+    return template or ""
+
+
+def _token_id(tokenizer: Any, text: str) -> int | None:
+    """The id of `text` if it is one token of the vocabulary, else None."""
+    tid = tokenizer.convert_tokens_to_ids(text)
+    return tid if isinstance(tid, int) and tid >= 0 and tid != tokenizer.unk_token_id else None
+
+
+def template_thinks(tokenizer: Any) -> bool:
+    """Whether the chat template knows a thinking block: it reads `enable_thinking` (Qwen3) or
+    writes the think tag (e.g. DeepSeek-R1 distills)."""
+    source = _template_source(tokenizer)
+    return "enable_thinking" in source or THINK_OPEN in source
+
+
+def _has_tags(tokenizer: Any) -> bool:
+    return _token_id(tokenizer, THINK_OPEN) is not None and _token_id(tokenizer, THINK_CLOSE) is not None
+
+
+def resolve_thinking(tokenizer: Any, setting: str) -> bool:
+    """`model.thinking` for this tokenizer: on, off, or auto (on where the template knows a
+    thinking block and the tags are tokens of the vocabulary). The closing tag must be one token
+    so that synthesis can forbid it and evaluation can find it in the sampled ids."""
+    if setting == "off":
+        return False
+    if setting == "auto":
+        return template_thinks(tokenizer) and _has_tags(tokenizer)
+    if setting == "on":
+        if not _has_tags(tokenizer):
+            raise ConfigError(f"config field 'model.thinking': 'on', but the tokenizer has no {THINK_OPEN} and "
+                              f"{THINK_CLOSE} tokens (a thinking model's tags); use auto or off")
+        return True
+    raise ConfigError(f"config field 'model.thinking': expected {'|'.join(THINKING_SETTINGS)}, got {setting!r}")
+
+
+def set_thinking(tokenizer: Any, setting: str) -> bool:
+    """Resolve `setting` for `tokenizer` and store it there, where `render` reads it; returns it."""
+    tokenizer.dail_thinking = resolve_thinking(tokenizer, setting)
+    return tokenizer.dail_thinking
+
+
+def thinking_on(tokenizer: Any) -> bool:
+    """Whether contexts open a thinking block: the setting `set_thinking` stored on this
+    tokenizer, else `auto`."""
+    on = getattr(tokenizer, "dail_thinking", None)
+    return resolve_thinking(tokenizer, "auto") if on is None else bool(on)
+
+
+def think_close_ids(tokenizer: Any) -> list[int]:
+    """Every token whose text contains the closing tag: the tag itself and any merge that
+    carries it. Synthesis bans them all, so no path out of the block is left."""
+    return sorted({i for t, i in tokenizer.get_vocab().items() if THINK_CLOSE in t})
+
+
+def _think_suffix(tokenizer: Any, ids: list[int], on: bool) -> list[int]:
+    """Ids to append after the rendered prompt: the open tag when thinking is on and the template
+    did not write it; an empty, closed block when thinking is off and the template opened one."""
+    opened = tokenizer.decode(ids[-8:], skip_special_tokens=False).rstrip().endswith(THINK_OPEN)
+    if on == opened:
+        return []
+    text = THINK_OPEN + "\n" if on else "\n" + THINK_CLOSE + "\n\n"
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 _END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>")

@@ -35,8 +35,25 @@ of the problems, writes its own shard, and rank 0 merges (`dail.dist`).
 
 Where an answer exists every trajectory is graded and the grade recorded; with
 `keep=correct` the wrong ones go to `<out>.rejected.jsonl` instead of the training set.
-Problems whose context plus `max_new_tokens` exceeds the model's window are skipped and
-listed in `<out>.skipped.jsonl` with the reason.
+A problem without an answer (a proof, or any problem nobody can check) is not graded: its
+records say `correct: null` and are always kept, whatever `keep` says; training reads them
+like any other.
+
+Over-long expert solutions. Where the context that holds the solution (the teacher's, or
+direct mode's) plus `max_new_tokens` exceeds the model's window, `long_solutions=shorten`
+(default) cuts the solution to fit (`shorten_solution`: at the last "Solution N:" heading
+that fits, as the authors do, else at a section or paragraph break, else by halving, their
+fallback). The record then carries the cut solution, from which its landmarks come and
+training builds the teacher's context, and `shortened` = {at, kept_chars, full_chars,
+full_solution}; the count is logged and goes into stats.json. What cannot fit even so (the
+student's context alone is too long, or `long_solutions=skip`) is listed in
+`<out>.skipped.jsonl` with the reason.
+
+Trajectories per problem. `per_problem` reshapes the kept set after decoding
+(`apply_per_problem`): all (default), the first correct one (the authors keep one per
+problem), or a seeded random k. The records left out move to `<out>.unselected.jsonl`, so a
+rerun with another setting reshapes the same trajectories without decoding again; that is why
+it is applied to the files rather than while writing, and why it is not a resume key.
 
 Statistics (stats.json, student_fraction.png next to the output): student-token fraction,
 teacher interventions per 100 tokens (an intervention is a maximal run of teacher tokens),
@@ -45,10 +62,15 @@ lengths, finish reasons, grades and throughput.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import os
+import random
+import re
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,7 +89,8 @@ from dail.layout import synth_files
 from dail.lock import output_lock
 from dail.models import context_window, load_model, load_tokenizer, model_label
 from dail.prompts import (PROMPT_VERSION, RATIONALIZATION_PROMPT_VERSION, direct_messages, end_of_turn_ids,
-                          rationalization_messages, render, student_messages, teacher_messages)
+                          rationalization_messages, render, set_thinking, student_messages, teacher_messages,
+                          think_close_ids, thinking_on)
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +118,7 @@ def _synthesize(cfg: SynthConfig, model: Any, tokenizer: Any, examples: list[Exa
     out.parent.mkdir(parents=True, exist_ok=True)
     paths = synth_files(out)
     rank, world = dist.world()
-    if any(p.exists() and p.stat().st_size for p in (out, paths["rejected"], paths["skipped"])):
+    if any(p.exists() and p.stat().st_size for p in (out, paths["rejected"], paths["skipped"], paths["unselected"])):
         check_resumable(paths["config"], cfg, "trajectories")
     if rank == 0:
         save(cfg, paths["config"])
@@ -106,7 +129,12 @@ def _synthesize(cfg: SynthConfig, model: Any, tokenizer: Any, examples: list[Exa
     if own:
         log.info("landmarks: %d of %d expert records carry their own list, which wins over the '%s' "
                  "extractor; the other %d are extracted", own, len(examples), cfg.landmarks, len(examples) - own)
+    ungraded = sum(ex.answer is None for ex in examples)
+    if ungraded and cfg.mode != "star":
+        log.info("%d of %d problems have no answer (proofs?): their trajectories are kept ungraded (correct: null)%s",
+                 ungraded, len(examples), ", whatever keep says" if cfg.keep == "correct" else "")
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.model)
+    set_thinking(tokenizer, cfg.model.thinking)  # every context below opens the thinking block, or none does
     model = model if model is not None else load_model(cfg.model)
     label = model_label(cfg.model)
 
@@ -120,6 +148,9 @@ def _synthesize(cfg: SynthConfig, model: Any, tokenizer: Any, examples: list[Exa
             done |= {_key(r) for r in records}
             if name == "out":
                 solved |= {str(r["id"]) for r in records if r.get("star_path") == "self"}
+    unselected = read_records(paths["unselected"])  # kept, but left out of the training set by per_problem
+    done |= {_key(r) for r in unselected}
+    solved |= {str(r["id"]) for r in unselected if r.get("star_path") == "self"}
 
     mine = dist.shard(examples, rank, world)  # by problem: STaR's second path needs the first's grades
     handles = {name: open(p, "a", encoding="utf-8") for name, p in my_paths.items()}
@@ -152,19 +183,25 @@ def _synthesize(cfg: SynthConfig, model: Any, tokenizer: Any, examples: list[Exa
                 todo = [i for i in range(cfg.samples_per_problem) if (ex.id, i) not in done]
                 if not todo:
                     continue
-                if cfg.mode == "mixed":
-                    prompt = render(tokenizer, student_messages(ex.problem))
-                    teacher_prompt = render(tokenizer, teacher_messages(ex.problem, ex.solution))
-                else:
-                    prompt, teacher_prompt = render(tokenizer, direct_messages(ex.problem, ex.solution)), None
-                if run.fits(ex, todo, [prompt, teacher_prompt or []]):
-                    jobs += [_Job(ex, i, prompt, teacher_prompt) for i in todo]
+                # The context that holds the expert solution (the teacher's, or direct mode's only one)
+                # is built from a solution, so that an over-long one can be cut to fit.
+                prompt = render(tokenizer, student_messages(ex.problem)) if cfg.mode == "mixed" else None
+                messages = teacher_messages if cfg.mode == "mixed" else direct_messages
+                fitted = run.fit_solution(ex, todo, prompt,
+                                          lambda sol, ex=ex, m=messages: render(tokenizer, m(ex.problem, sol)))
+                if fitted is not None:
+                    ex, solution_prompt, cut = fitted
+                    jobs += [_Job(ex, i, prompt, solution_prompt, shortened=cut) if prompt is not None
+                             else _Job(ex, i, solution_prompt, shortened=cut) for i in todo]
             run(jobs, "student" if cfg.mode == "mixed" else "teacher",
                 f"{cfg.mode}, tau={cfg.tau}" if cfg.mode == "mixed" else cfg.mode)
     finally:
         for fh in handles.values():
             fh.close()
     n_tokens, t_decode = run.tokens, run.seconds
+    if run.shortened:
+        log.info("%d problems had an expert solution too long for the model's window: cut to fit (long_solutions="
+                 "shorten; each record's `shortened` says where)", run.shortened)
 
     throughput = {"rank": rank, "tokens": n_tokens, "decode_seconds": t_decode}
     _write_throughput(out, rank, world, throughput)
@@ -172,12 +209,14 @@ def _synthesize(cfg: SynthConfig, model: Any, tokenizer: Any, examples: list[Exa
     if rank == 0:
         for name in ("out", "rejected", "skipped"):
             merge_shards(paths[name], world, key=_key)
+        apply_per_problem(paths, cfg, [ex.id for ex in examples])
         kept, rejected = read_records(out), read_records(paths["rejected"])
-        fractions = student_fractions(kept + rejected)
+        unselected = read_records(paths["unselected"])
+        fractions = student_fractions(kept + unselected + rejected)
         skipped = read_records(paths["skipped"])
-        stats = compute_stats(kept, rejected, len(skipped), fractions, out, cfg)
+        stats = compute_stats(kept, rejected, len(skipped), fractions, out, cfg, unselected)
         if cfg.mode == "star":
-            stats["star"] = star_stats([ex.id for ex in examples], kept, rejected, skipped)
+            stats["star"] = star_stats([ex.id for ex in examples], kept + unselected, rejected, skipped)
         paths["stats"].write_text(json.dumps(stats, indent=2), encoding="utf-8")
         plot_student_fraction(fractions, paths["histogram"], cfg)
         for p in out.parent.glob("throughput.rank*.json"):
@@ -208,6 +247,7 @@ class _Job:
     prompt: list[int]
     teacher_prompt: list[int] | None = None
     star_path: str | None = None
+    shortened: dict | None = None  # where an over-long expert solution was cut (`_Runner.fit_solution`)
 
 
 class _Runner:
@@ -217,7 +257,11 @@ class _Runner:
                  window: int, show: bool) -> None:
         self.cfg, self.model, self.tokenizer, self.label, self.handles = cfg, model, tokenizer, label, handles
         self.stop_ids, self.window, self.show = stop_ids, window, show
+        # Thinking on: trajectories are written inside the thinking block, so its closing tag is never drawn.
+        self.thinking = thinking_on(tokenizer)
+        self.banned = think_close_ids(tokenizer) if self.thinking else None
         self.tokens, self.seconds = 0, 0.0  # throughput over every call
+        self.shortened = 0  # problems whose expert solution was cut to fit the window, this run
 
     def fits(self, ex: Example, todo: list[int], prompts: list[list[int]], star_path: str | None = None) -> bool:
         """Whether the longest of `prompts` plus max_new_tokens fits the model's window; if not,
@@ -231,6 +275,31 @@ class _Runner:
                 f"context of {longest} tokens + max_new_tokens {self.cfg.max_new_tokens} exceeds the "
                 f"model window of {self.window}"} | ({"star_path": star_path} if star_path else {}))
         return False
+
+    def fit_solution(self, ex: Example, todo: list[int], fixed: list[int] | None,
+                     with_solution: Callable[[str], list[int]]) -> tuple[Example, list[int], dict | None] | None:
+        """(example, the prompt `with_solution(its solution)`, where it was cut) made to fit the window.
+
+        As it is where it fits. Otherwise, with long_solutions=shorten and where the other context
+        (`fixed`, the student's) fits alone, the solution is cut (`shorten_solution`): the example
+        carries the cut solution, so its landmarks, and training's teacher context, are those of
+        what the teacher saw. Else None, and every index in `todo` is listed in the skipped file.
+        """
+        room = self.window - self.cfg.max_new_tokens
+        prompt = with_solution(ex.solution)
+        others = [fixed] if fixed is not None else []
+        if len(prompt) <= room and all(len(p) <= room for p in others):
+            return ex, prompt, None
+        if self.cfg.long_solutions == "shorten" and all(len(p) <= room for p in others):
+            cut = shorten_solution(ex.solution, lambda text: len(with_solution(text)) <= room)
+            if cut is not None:
+                text, at = cut
+                self.shortened += 1
+                info = {"at": at, "kept_chars": len(text), "full_chars": len(ex.solution),
+                        "full_solution": ex.solution}
+                return dataclasses.replace(ex, solution=text), with_solution(text), info
+        self.fits(ex, todo, others + [prompt])  # lists them as skipped, with the reason
+        return None
 
     def __call__(self, jobs: list[_Job], writer: str, desc: str) -> list[dict]:
         """Decode `jobs` (mixed-policy where they carry a teacher prompt, else plain sampling labelled
@@ -246,7 +315,8 @@ class _Runner:
                 teacher_prompts=[j.teacher_prompt for j in batch] if mixed else None,
                 tau=cfg.tau, writer=writer, generators=[generator_for(cfg.seed, j.ex.id, j.index) for j in batch],
                 max_new_tokens=cfg.max_new_tokens, stop_ids=self.stop_ids, pad_id=tok.pad_token_id,
-                temperature=cfg.temperature, top_p=cfg.top_p)
+                temperature=cfg.temperature, top_p=cfg.top_p, presence_penalty=cfg.presence_penalty,
+                frequency_penalty=cfg.frequency_penalty, banned_ids=self.banned)
             self.seconds += time.perf_counter() - t0
             texts = [tok.decode(d.tokens, skip_special_tokens=True) for d in decoded]
             grades = _grade(texts, [j.ex.answer for j in batch], cfg.grade_timeout)
@@ -258,12 +328,15 @@ class _Runner:
                     "trajectory": text, "trajectory_ids": d.tokens, "teacher_mask": d.teacher_mask,
                     "p_student": d.p_student, "p_teacher": d.p_teacher, "q": d.q,
                     "finish_reason": d.finish_reason, "mode": cfg.mode, "tau": cfg.tau,
-                    "temperature": cfg.temperature, "top_p": cfg.top_p,
+                    "temperature": cfg.temperature, "top_p": cfg.top_p, "thinking": self.thinking,
+                    "presence_penalty": cfg.presence_penalty, "frequency_penalty": cfg.frequency_penalty,
                     "seed": sample_seed(cfg.seed, j.ex.id, j.index), "sample_index": j.index, "model": self.label,
                     "prompt_version": PROMPT_VERSION, "correct": correct,
                 }
                 if j.star_path:
                     record["star_path"] = j.star_path
+                if j.shortened:
+                    record["shortened"] = j.shortened
                 if j.star_path == "rationalized":
                     record["rationalization_prompt_version"] = RATIONALIZATION_PROMPT_VERSION
                 # STaR keeps only what reached the answer; the other modes follow `keep`.
@@ -284,6 +357,112 @@ def _grade(texts: list[str], answers: list[str | None], timeout: float) -> list[
         for i, g in zip(idx, grade_many([texts[i] for i in idx], [answers[i] for i in idx], timeout=timeout)):
             grades[i] = bool(g)
     return grades
+
+
+# ----------------------------------------------------------------------------- over-long solutions
+
+# "Solution 2:", "**Solution 2.**", "## Solution 2", "== Solution 2 ==" at the start of a line: where
+# an alternative solution begins (AoPS-style write-ups list several). The authors cut there.
+_SOLUTION_HEADING = re.compile(r"^[ \t]*(?:#+[ \t]*|=+[ \t]*|\*\*|__)?solution[ \t]*\d+[ \t]*(?:\*\*|__|=+)?[ \t]*"
+                               r"(?:[:.]|$)", re.IGNORECASE | re.MULTILINE)
+# A section heading: markdown `#`, LaTeX \section / \subsection, or a line that is one bold phrase.
+_SECTION = re.compile(r"^[ \t]*(?:#{1,6}[ \t]|\\(?:sub)*section\*?\{|\*\*[^*\n]+\*\*[ \t]*:?[ \t]*$)", re.MULTILINE)
+_PARAGRAPH = re.compile(r"\n[ \t]*\n")
+
+
+def shorten_solution(solution: str, fits: Callable[[str], bool]) -> tuple[str, str] | None:
+    """The longest cut of `solution` for which `fits(cut)` holds, and where it was cut, or None.
+
+    Tried in order, each time the latest cut that fits: before a "Solution N:" heading (the
+    authors' rule: whole solutions are kept, later alternatives dropped), then before a section
+    heading or at a paragraph break, then halving the text until it fits (the authors' fallback).
+    The first two search their cut points by bisection, since a longer prefix never makes a
+    shorter prompt. Returns (text, "solution heading" | "section" | "paragraph" | "halved").
+    """
+    def latest(cuts: list[int]) -> int | None:
+        cuts = sorted({c for c in cuts if 0 < c < len(solution) and solution[:c].strip()})
+        lo, hi, found = 0, len(cuts) - 1, None
+        while lo <= hi:
+            mid = (lo + hi) // 2
+            if fits(solution[:cuts[mid]].rstrip()):
+                found, lo = cuts[mid], mid + 1
+            else:
+                hi = mid - 1
+        return found
+
+    cut = latest([m.start() for m in _SOLUTION_HEADING.finditer(solution)])
+    if cut is not None:
+        return solution[:cut].rstrip(), "solution heading"
+    sections = {m.start() for m in _SECTION.finditer(solution)}
+    cut = latest(sorted(sections | {m.start() for m in _PARAGRAPH.finditer(solution)}))
+    if cut is not None:
+        return solution[:cut].rstrip(), "section" if cut in sections else "paragraph"
+    text = solution
+    while len(text) > 1:
+        text = text[: len(text) // 2]
+        if text.strip() and fits(text.rstrip()):
+            return text.rstrip(), "halved"
+    return None
+
+
+# ----------------------------------------------------------------------------- trajectories per problem
+
+def select_per_problem(records: list[dict], how: str, k: int = 1, seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """(chosen, left out) of kept records, by `how` (SynthConfig.per_problem), each in input order.
+
+    all: every record. first: per problem, the correct record with the lowest sample index; a
+    problem without an answer (every record ungraded) gives its first record, a graded one with
+    none correct gives none. random: per problem, min(k, its records) drawn with
+    Random(seed, problem id) from its records in sample-index order, so the draw depends on
+    neither the file order nor the other problems.
+    """
+    by_id: dict[str, list[dict]] = {}
+    for r in records:
+        by_id.setdefault(str(r["id"]), []).append(r)
+    chosen: set[int] = set()
+    for pid, group in by_id.items():
+        group = sorted(group, key=lambda r: int(r["sample_index"]))
+        if how == "all":
+            pick = group
+        elif how == "first":
+            right = [r for r in group if r.get("correct")]
+            ungraded = all(r.get("correct") is None for r in group)
+            pick = right[:1] if right else group[:1] if ungraded else []
+        else:
+            pick = random.Random(f"dail-per-problem-{seed}-{pid}").sample(group, min(k, len(group)))
+        chosen |= {id(r) for r in pick}
+    return [r for r in records if id(r) in chosen], [r for r in records if id(r) not in chosen]
+
+
+def apply_per_problem(paths: dict[str, Path], cfg: SynthConfig, order: list[str]) -> None:
+    """Reshape the kept set by `cfg.per_problem`: the chosen records stay in the synthetic set,
+    the others move to `<out>.unselected.jsonl`. Both files are pooled first, so a rerun with
+    another per_problem reshapes the same trajectories without decoding again (and `all` moves
+    every record back). Records are written by problem, in the expert set's `order` (ids), then
+    by sample index: the order one process writes them in. Each file is replaced atomically, the
+    unselected one first: a crash in between leaves a record in both files, never in neither,
+    and the pool drops such doubles."""
+    out, aside = paths["out"], paths["unselected"]
+    kept, unselected = read_records(out), read_records(aside)
+    if cfg.per_problem == "all" and not unselected:
+        return
+    pool: dict[tuple[str, int], dict] = {}
+    for r in kept + unselected:
+        pool.setdefault(_key(r), r)
+    rank = {pid: i for i, pid in enumerate(order)}
+    ordered = sorted(pool.values(), key=lambda r: (rank.get(str(r["id"]), len(rank)), _key(r)))
+    chosen, left = select_per_problem(ordered, cfg.per_problem, cfg.per_problem_k, cfg.seed)
+    for path, records in ((aside, left), (out, chosen)):
+        if not records and path == aside:
+            path.unlink(missing_ok=True)
+            continue
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as fh:
+            for r in records:
+                fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+        os.replace(tmp, path)
+    log.info("per_problem=%s: %d of %d kept trajectories form the training set (%d problems); the other %d are in %s",
+             cfg.per_problem, len(chosen), len(pool), len({str(r["id"]) for r in chosen}), len(left), aside.name)
 
 
 def _write_throughput(out: Path, rank: int, world: int, data: dict) -> None:
@@ -314,9 +493,11 @@ def student_fractions(records: list[dict]) -> dict[str, float]:
 
 
 def compute_stats(kept: list[dict], rejected: list[dict], skipped: int, fractions: dict[str, float],
-                  out: Path, cfg: SynthConfig) -> dict:
-    """Statistics of every trajectory written, kept in the training set or rejected by `keep`."""
-    records = kept + rejected
+                  out: Path, cfg: SynthConfig, unselected: list[dict] | None = None) -> dict:
+    """Statistics of every trajectory written: kept in the training set, left out of it by
+    `per_problem` (`unselected`), or rejected by `keep`."""
+    unselected = unselected or []
+    records = kept + unselected + rejected
     n_tok = sum(len(r["teacher_mask"]) for r in records)
     n_teacher = sum(sum(r["teacher_mask"]) for r in records)
     graded = [r["correct"] for r in records if r.get("correct") is not None]
@@ -324,6 +505,10 @@ def compute_stats(kept: list[dict], rejected: list[dict], skipped: int, fraction
     return {
         "mode": cfg.mode, "tau": cfg.tau, "temperature": cfg.temperature, "top_p": cfg.top_p,
         "trajectories": len(records), "kept": len(kept), "rejected": len(rejected), "skipped": skipped,
+        "per_problem": cfg.per_problem if cfg.per_problem != "random" else f"random, k={cfg.per_problem_k}",
+        "unselected": len(unselected),
+        # problems whose expert solution was cut to fit the window (long_solutions=shorten)
+        "shortened": len({str(r["id"]) for r in records if r.get("shortened")}),
         "problems": len(fractions),
         "student_token_fraction": round(1 - n_teacher / n_tok, 4) if n_tok else None,
         "teacher_interventions_per_100_tokens":
@@ -333,7 +518,7 @@ def compute_stats(kept: list[dict], rejected: list[dict], skipped: int, fraction
         "mean_length": round(n_tok / len(records), 1) if records else None,
         "median_length": lengths[len(lengths) // 2] if lengths else None,
         "finish_reasons": dict(Counter(r["finish_reason"] for r in records)),
-        "graded": len(graded), "correct": sum(graded),
+        "graded": len(graded), "correct": sum(graded), "ungraded": len(records) - len(graded),
         "correct_fraction": round(sum(graded) / len(graded), 4) if graded else None,
         **_read_throughput(out),
         "prompt_version": PROMPT_VERSION,

@@ -83,3 +83,21 @@ def tiny(tiny_dir):
 @pytest.fixture(scope="session")
 def tiny_tok():
     return make_tokenizer()
+
+
+def kill_midway(cmd: list[str], output, lines: int, timeout: float = 120.0) -> tuple[int, int]:
+    """Start `cmd`, SIGKILL it once `output` holds at least `lines` lines, and return how many
+    lines the dead process left and its pid (the crash tests then rerun `cmd` and check nothing is lost
+    or doubled)."""
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while time.time() < deadline and (not output.exists() or output.read_text().count("\n") < lines):
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return output.read_text().count("\n"), proc.pid
+

@@ -14,6 +14,7 @@ import sys
 import textwrap
 
 import pytest
+from conftest import kill_midway
 
 from dail.cli import main
 from dail.config import ConfigError, EvalConfig, ModelConfig
@@ -271,9 +272,6 @@ def test_grader_processes_die_with_their_caller():
 # ----------------------------------------------------------------------------- crashes
 
 def test_eval_killed_then_rerun_counts_every_sample_once(tiny_dir, tmp_path):
-    import signal
-    import time
-
     bench = tmp_path / "b.jsonl"
     bench.write_text("".join(json.dumps({"id": f"q{i}", "problem": f"What is {i}+1?", "answer": str(i + 1)}) + "\n"
                              for i in range(12)), encoding="utf-8")
@@ -281,17 +279,11 @@ def test_eval_killed_then_rerun_counts_every_sample_once(tiny_dir, tmp_path):
     cmd = [sys.executable, "-m", "dail.cli", "eval", "--model.name", str(tiny_dir), "--model.device", "cpu",
            "--data.source", str(bench), "--out", str(out), "--n", "4", "--ks", "1,4", "--max_new_tokens", "24",
            "--batch_size", "2", "--temperature", "1.0"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     samples = out / "samples.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and (not samples.exists() or samples.read_text().count("\n") < 4):
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    partial = samples.read_text().count("\n")
+    partial, pid = kill_midway(cmd, samples, 4)
     assert 4 <= partial < 48, "the run should have been killed midway"
     # The dead process's lock file is still there; the rerun takes it over and finishes.
-    assert json.loads((out / ".lock").read_text())["pid"] == proc.pid
+    assert json.loads((out / ".lock").read_text())["pid"] == pid
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     keys = [(r["id"], r["sample_index"]) for r in read_records(samples)]
     assert len(keys) == len(set(keys)) == 48

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
+from conftest import kill_midway
 
 from dail.config import DataConfig, ModelConfig, SynthConfig
 from dail.records import read_records
@@ -74,13 +73,7 @@ def test_kill_9_then_rerun_gives_every_record_exactly_once(tiny_dir, tmp_path):
     cmd = [sys.executable, "-m", "dail.cli", "synth", "--model.name", str(tiny_dir), "--model.device", "cpu",
            "--data.source", str(tmp_path / "experts.jsonl"), "--out", str(out), "--max_new_tokens", "48",
            "--batch_size", "1", "--samples_per_problem", "2", "--tau", "0.02", "--temperature", "1.0"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and (not out.exists() or out.read_text().count("\n") < 3):
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    partial = out.read_text().count("\n")
+    partial, _ = kill_midway(cmd, out, 3)
     assert 3 <= partial < 80, "the run should have been killed midway"
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     recs = read_records(out)

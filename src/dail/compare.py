@@ -92,14 +92,16 @@ def _timed(timings: dict, key: str, path: Path) -> Iterator[None]:
 
 def _synth_cfg(cfg: CompareConfig, mode: str) -> SynthConfig:
     s = copy.deepcopy(cfg.synth)
-    s.model, s.data, s.mode = cfg.model, cfg.data, mode
+    s.model, s.data, s.mode, s.prompts = cfg.model, cfg.data, mode, cfg.prompts
+    if mode != "mixed":  # answer_only is a variant of the mixed-mode teacher; the direct and star sets have none
+        s.teacher_context = "solution"
     s.out = str(shared_synth(cfg.out, mode))
     return s
 
 
 def _train_cfg(cfg: CompareConfig, method: str, seed: int, folder: Path) -> TrainConfig:
     t = copy.deepcopy(cfg.train)
-    t.model, t.expert, t.loss, t.seed = cfg.model, cfg.data, METHODS[method]["loss"], seed
+    t.model, t.expert, t.loss, t.seed, t.prompts = cfg.model, cfg.data, METHODS[method]["loss"], seed, cfg.prompts
     synth = METHODS[method]["synth"]
     t.data = str(shared_synth(cfg.out, synth)) if synth else t.data
     t.out = str(RunFolder(folder).train)
@@ -109,6 +111,7 @@ def _train_cfg(cfg: CompareConfig, method: str, seed: int, folder: Path) -> Trai
 def _eval_cfg(cfg: CompareConfig, split: str, folder: Path, adapter: str) -> EvalConfig:
     e = copy.deepcopy(cfg.eval)
     e.model, e.data, e.adapter, e.out = cfg.model, split_data(cfg, split), adapter, str(RunFolder(folder).eval(split))
+    e.prompts = cfg.prompts
     return e
 
 

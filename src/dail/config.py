@@ -53,6 +53,28 @@ def _check(cond: bool, name: str, msg: str) -> None:
         raise ConfigError(f"config field '{name}': {msg}")
 
 
+# The prompt file. Every stage that renders a context has a `prompts` field (a path; "" = dail's
+# built-in texts, src/dail/prompts.yaml). What outputs depend on is the texts, not the path: the
+# saved config.yaml carries `prompt_hash` (the short sha256 of the resolved texts) next to
+# `prompts`, and that is the resume key (`to_dict`, `resume_keys`), so the same texts under
+# another path resume and edited texts at the same path do not. It is recomputed on load.
+PROMPT_HASH = "prompt_hash"
+_PROMPTS_HELP = ("Prompt file (YAML, README 'Prompts'): replaces any of dail's built-in texts (student, teacher, "
+                 "teacher_answer_only, negative, direct, instruction; src/dail/prompts.yaml) and keeps the rest. "
+                 "'' = the built-in texts. Records and resume checks carry the hash of the resolved texts.")
+
+
+def _prompt_hash(path: str) -> str:
+    """The short sha256 of the resolved texts of prompt file `path` ('' = built in); a bad file
+    raises ConfigError naming the field, the file and the key."""
+    from dail.prompts import load_prompts  # dail.prompts imports this module
+
+    try:
+        return load_prompts(path).hash
+    except ConfigError as e:
+        raise ConfigError(f"config field 'prompts': {e}") from None
+
+
 @dataclass
 class ModelConfig:
     name: str = _f("embedded", "Hugging Face id, local folder, or 'embedded' (SmolLM2-135M-Instruct "
@@ -170,9 +192,19 @@ class SynthConfig:
                                  "semantics; 0 = off).", resume=True)
     frequency_penalty: float = _f(0.0, "Subtracted from a token's logit once per time it is already in the "
                                   "trajectory (as presence_penalty; 0 = off).", resume=True)
+    teacher_context: str = _f("solution", "What the teacher sees besides the problem (mode mixed): solution (the "
+                              "expert solution, DAIL) | answer_only (only the gold final answer, the authors' "
+                              "ablation; every problem needs an answer). Each record carries it, and training builds "
+                              "the teacher's context from it.", resume=True)
+    prompts: str = _f("", _PROMPTS_HELP)
 
     def __post_init__(self) -> None:
         _check(self.mode in ("mixed", "direct", "star"), "mode", f"expected mixed|direct|star, got {self.mode!r}")
+        _check(self.teacher_context in ("solution", "answer_only"), "teacher_context",
+               f"expected solution|answer_only, got {self.teacher_context!r}")
+        _check(self.teacher_context == "solution" or self.mode == "mixed", "teacher_context",
+               f"answer_only is a mixed-mode teacher; mode {self.mode} has no such teacher (use solution)")
+        _prompt_hash(self.prompts)
         _check(0 <= self.presence_penalty <= 2, "presence_penalty", "must be in [0, 2] (OpenAI's range, non-negative)")
         _check(0 <= self.frequency_penalty <= 2, "frequency_penalty",
                "must be in [0, 2] (OpenAI's range, non-negative)")
@@ -255,8 +287,11 @@ class TrainConfig:
     ref_cache: bool = _f(False, "Cache the teacher's and negative reference's final hidden states (H "
                          "numbers per trajectory token, <out>/ref_cache) in one pass before training, "
                          "so each step runs only the student. Beyond the paper.")
+    prompts: str = _f("", _PROMPTS_HELP + " Must be the texts synthesis used (records with another prompt_hash are "
+                      "refused).")
 
     def __post_init__(self) -> None:
+        _prompt_hash(self.prompts)
         _check(self.loss in ("contrastive", "contrastive_forward", "nll", "sft"), "loss",
                f"expected contrastive|contrastive_forward|nll|sft, got {self.loss!r}")
         _check(self.gamma >= 0, "gamma", "must be >= 0")
@@ -333,8 +368,10 @@ class EvalConfig:
     export_prompts: bool = _f(False, "Only write <out>/prompts.jsonl (the exact chat-formatted prompts, text and "
                               "token ids, of every problem) and <out>/export.json (the sampling settings), for "
                               "another engine to sample from; nothing is sampled.")
+    prompts: str = _f("", _PROMPTS_HELP + " Evaluation uses the student text (and the instruction).")
 
     def __post_init__(self) -> None:
+        _prompt_hash(self.prompts)
         _check(self.n > 0, "n", "must be > 0")
         _check(0 <= self.presence_penalty <= 2, "presence_penalty", "must be in [0, 2] (OpenAI's range, non-negative)")
         _check(0 <= self.frequency_penalty <= 2, "frequency_penalty",
@@ -436,8 +473,10 @@ class GRPOConfig:
     overwrite: bool = _f(False, "Start over: delete this stage's outputs in <out> first (hints.jsonl is kept).")
     report_to: str = _f("none", "Where step metrics go besides the console and metrics.jsonl: none | "
                         "tensorboard (skipped if not installed) | wandb.")
+    prompts: str = _f("", _PROMPTS_HELP + " GRPO uses the student text (and the instruction); NuRL's hint follows it.")
 
     def __post_init__(self) -> None:
+        _prompt_hash(self.prompts)
         _check(self.hints in ("none", "self", "landmarks"), "hints",
                f"expected none|self|landmarks, got {self.hints!r}")
         _check(self.hints != "none" or not self.hints_file, "hints_file",
@@ -485,15 +524,17 @@ class RunConfig:
                                  "Held-out problems to evaluate. With the same source as train_data, "
                                  "its seed, test_fraction, fields and hf_split must equal train_data's, "
                                  "so the train/test split is the same one.")
-    synth: SynthConfig = _sub(SynthConfig, "Stage 1.", run_sets=("model", "data", "out"))
-    train: TrainConfig = _sub(TrainConfig, "Stage 2.", run_sets=("model", "data", "expert", "out"))
+    synth: SynthConfig = _sub(SynthConfig, "Stage 1.", run_sets=("model", "data", "out", "prompts"))
+    train: TrainConfig = _sub(TrainConfig, "Stage 2.", run_sets=("model", "data", "expert", "out", "prompts"))
     eval: EvalConfig = _sub(lambda: EvalConfig(budgets=[64, 128, 256]),
                             "Evaluation (budgets: pass@k is also graded at these token counts).",
-                            run_sets=("model", "adapter", "data", "out", "samples", "export_prompts"))
+                            run_sets=("model", "adapter", "data", "out", "samples", "export_prompts", "prompts"))
     eval_train: bool = _f(False, "Also evaluate base and trained models on the training problems "
                           "(train-versus-test gap).")
+    prompts: str = _f("", _PROMPTS_HELP + " Set for every stage.")
 
     def __post_init__(self) -> None:
+        _prompt_hash(self.prompts)
         _check(self.train_data.split == "train", "train_data.split", "must be train")
         _check(self.test_data.split == "test", "test_data.split", "must be test")
         if self.test_data.source == self.train_data.source:
@@ -534,14 +575,17 @@ class CompareConfig:
     seed_methods: list = _f(["dail", "nll"], "Methods trained once per seed in `seeds` (seed variation).")
     chosen: dict = _f({}, "What was chosen on the validation split, and how (copied into the report), e.g. "
                       "{lr: '1e-3: best val pass@8 of 3e-4, 1e-3 (dail sweep)'}.")
+    prompts: str = _f("", _PROMPTS_HELP + " Set for every method and stage.")
     synth: SynthConfig = _sub(SynthConfig, "Synthesis settings shared by every synthetic set (mode is set per "
-                              "method).", run_sets=("model", "data", "out", "mode"))
+                              "method).", run_sets=("model", "data", "out", "mode", "prompts"))
     train: TrainConfig = _sub(TrainConfig, "Training settings shared by every trained method (loss is set per "
-                              "method).", run_sets=("model", "data", "expert", "out", "loss", "seed", "resume"))
+                              "method).", run_sets=("model", "data", "expert", "out", "loss", "seed", "resume",
+                                                    "prompts"))
     eval: EvalConfig = _sub(EvalConfig, "Evaluation settings shared by every method and split.",
-                            run_sets=("model", "adapter", "data", "out", "samples", "export_prompts"))
+                            run_sets=("model", "adapter", "data", "out", "samples", "export_prompts", "prompts"))
 
     def __post_init__(self) -> None:
+        _prompt_hash(self.prompts)
         unknown = [m for m in self.methods if m not in COMPARE_METHODS]
         _check(not unknown, "methods", f"unknown {unknown}; expected any of {', '.join(COMPARE_METHODS)}")
         _check(bool(self.methods), "methods", "must name at least one method")
@@ -567,14 +611,16 @@ class SweepConfig:
     val_limit: int = _f(16, "Validation problems (0 = all of the validation side).")
     taus: list = _f([0.1, 0.3, 0.6], "Synthesis thresholds to try (the paper does not scan tau).")
     gammas: list = _f([0.0, 0.1, 0.3], "Negative-reference weights to try (the paper does not scan gamma).")
+    prompts: str = _f("", _PROMPTS_HELP + " Set for every stage.")
     synth: SynthConfig = _sub(SynthConfig, "Synthesis settings (tau is swept).",
-                              run_sets=("model", "data", "out", "tau"))
+                              run_sets=("model", "data", "out", "tau", "prompts"))
     train: TrainConfig = _sub(TrainConfig, "Training settings (gamma is swept).",
-                              run_sets=("model", "data", "expert", "out", "gamma", "resume"))
+                              run_sets=("model", "data", "expert", "out", "gamma", "resume", "prompts"))
     eval: EvalConfig = _sub(EvalConfig, "Evaluation on the validation split.",
-                            run_sets=("model", "adapter", "data", "out", "samples", "export_prompts"))
+                            run_sets=("model", "adapter", "data", "out", "samples", "export_prompts", "prompts"))
 
     def __post_init__(self) -> None:
+        _prompt_hash(self.prompts)
         _check(bool(self.taus) and all(isinstance(t, (int, float)) and t >= 0 for t in self.taus), "taus",
                "expected a non-empty list of numbers >= 0")
         _check(bool(self.gammas) and all(isinstance(g, (int, float)) and 0 <= g < 1 for g in self.gammas),
@@ -604,6 +650,8 @@ def from_dict(cls: type, data: dict | None, where: str = "", path: str = "") -> 
     kwargs = {}
     names = {f.name: f for f in dataclasses.fields(cls)}
     for key, value in data.items():
+        if key == PROMPT_HASH and "prompts" in names:
+            continue  # written next to `prompts` by `to_dict`; recomputed from the file, never read
         if key not in names:
             raise ConfigError(f"{where}unknown field '{path}{key}' "
                               f"(expected one of: {', '.join(names)})")
@@ -678,12 +726,20 @@ def parse_value(raw: Any, tp: Any, name: str) -> Any:
 
 def to_dict(cfg: Any) -> dict:
     """The config as plain data; for a RunConfig, without the stage fields `dail run` sets itself,
-    so a saved run config loads back with `--config`."""
+    so a saved run config loads back with `--config`. A config with a prompt file also gets
+    `prompt_hash` right after `prompts` (PROMPT_HASH)."""
     out = dataclasses.asdict(cfg)
     for f in dataclasses.fields(cfg):
         for name in f.metadata.get("run_sets", ()):
             out[f.name].pop(name, None)
-    return out
+    if "prompts" not in out:
+        return out
+    with_hash = {}
+    for k, v in out.items():
+        with_hash[k] = v
+        if k == "prompts":
+            with_hash[PROMPT_HASH] = _prompt_hash(cfg.prompts)
+    return with_hash
 
 
 def load_yaml(path: str | Path) -> dict:
@@ -748,6 +804,8 @@ def resume_keys(cls: type, prefix: str = "") -> tuple[str, ...]:
     a marked nested config contributes all its leaves but those in `resume_except`)."""
     keys: list[str] = []
     for f in dataclasses.fields(cls):
+        if f.name == "prompts":
+            keys.append(f"{prefix}{PROMPT_HASH}")  # outputs depend on the texts, not on the file's path
         if not f.metadata.get("resume"):
             continue
         tp = _field_type(cls, f)

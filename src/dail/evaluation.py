@@ -73,7 +73,7 @@ from dail.decoding import decode, generator_for, sample_seed
 from dail.layout import eval_files
 from dail.grading import extract_answer, extract_choice, grade_many
 from dail.models import check_adapter, check_source, context_window, load_adapter_for_inference, load_model, load_tokenizer, model_label
-from dail.prompts import (FORCED_ANSWER_CUE, FORCED_ANSWER_VERSION, PROMPT_VERSION, choice_problem, end_of_turn_ids,
+from dail.prompts import (FORCED_ANSWER_CUE, FORCED_ANSWER_VERSION, choice_problem, end_of_turn_ids, load_prompts,
                           render, set_thinking, student_messages, think_close_ids)
 
 log = logging.getLogger(__name__)
@@ -455,6 +455,7 @@ def _evaluate(cfg: EvalConfig, model: Any, tokenizer: Any, label: str | None, ra
         return export_prompts(cfg, tok, rank)
     budgets = sorted({int(b) for b in cfg.budgets} | {cfg.max_new_tokens})
     problems = load_problems(cfg.data)
+    prompt_set = load_prompts(cfg.prompts)
     mine = dist.shard(problems, rank, world_size)
     shard_file = dist.shard_path(samples_path, rank, world_size)
     done = {(r["id"], r["sample_index"]) for r in read_records(shard_file)}
@@ -472,14 +473,15 @@ def _evaluate(cfg: EvalConfig, model: Any, tokenizer: Any, label: str | None, ra
         with open(shard_file, "a", encoding="utf-8") as fh:
             for batch in _batches(todo, cfg.batch_size):
                 shown = [_prompt(ex, j, cfg.seed) for ex, j in batch]
-                prompts = [render(tok, student_messages(text)) for text, _, _ in shown]
+                prompts = [render(tok, student_messages(text, prompt_set)) for text, _, _ in shown]
                 decoded = decode(model, prompts, generators=[generator_for(cfg.seed, ex.id, j) for ex, j in batch],
                                  max_new_tokens=_capped(cfg.max_new_tokens, prompts, batch, window), stop_ids=stop_ids, pad_id=tok.pad_token_id,
                                  temperature=cfg.temperature, top_p=cfg.top_p,
                                  presence_penalty=cfg.presence_penalty, frequency_penalty=cfg.frequency_penalty)
                 records = [{"id": ex.id, "sample_index": j, "kind": kind, "gold": gold,
                             "text": _decode_text(tok, d.tokens), "n_tokens": len(d.tokens),
-                            "finish_reason": d.finish_reason, "token_ids": d.tokens, "thinking": thinking}
+                            "finish_reason": d.finish_reason, "token_ids": d.tokens, "thinking": thinking,
+                            "prompt_hash": prompt_set.hash}
                            for (ex, j), (_, gold, kind), d in zip(batch, shown, decoded)]
                 grade_records(records, budgets, tok, cfg.grade_timeout)
                 if forcing:
@@ -511,8 +513,8 @@ def _evaluate(cfg: EvalConfig, model: Any, tokenizer: Any, label: str | None, ra
         if unforced:  # forcing turned on, or budgets added, since these samples were drawn
             model = model if model is not None else _load(cfg, rank, world_size)
             by_id = {ex.id: ex for ex in problems}
-            prompts = [render(tok, student_messages(_prompt(by_id[r["id"]], r["sample_index"], cfg.seed)[0]))
-                       for r in unforced]
+            prompts = [render(tok, student_messages(_prompt(by_id[r["id"]], r["sample_index"], cfg.seed)[0],
+                                                    prompt_set)) for r in unforced]
             force_answers(model, tok, unforced, prompts, budgets, cfg, stop_ids, context_window(model))
             grade_forced(unforced, budgets, cfg.grade_timeout)
         if missing or unforced:  # keep the new grades (the records were updated in place)
@@ -524,7 +526,7 @@ def _evaluate(cfg: EvalConfig, model: Any, tokenizer: Any, label: str | None, ra
             "temperature": cfg.temperature, "top_p": cfg.top_p, "max_new_tokens": cfg.max_new_tokens,
             "presence_penalty": cfg.presence_penalty, "frequency_penalty": cfg.frequency_penalty,
             "thinking": thinking,
-            "prompt_version": PROMPT_VERSION,
+            "prompt_version": prompt_set.version, "prompt_hash": prompt_set.hash,
             **({"force_tokens": cfg.force_tokens, "forced_answer_version": FORCED_ANSWER_VERSION} if forcing else {}),
             **summarize(wanted, ids, cfg.n, cfg.ks, budgets, seed=cfg.seed, forced=forcing),
         }
@@ -567,6 +569,7 @@ def export_prompts(cfg: EvalConfig, tok: Any, rank: int = 0) -> dict:
     """
     files = eval_files(cfg.out)
     problems = load_problems(cfg.data)
+    prompt_set = load_prompts(cfg.prompts)
     thinking = set_thinking(tok, cfg.model.thinking)
     lines = 0
     if rank == 0:
@@ -575,7 +578,7 @@ def export_prompts(cfg: EvalConfig, tok: Any, rank: int = 0) -> dict:
                 groups: dict[tuple[int, ...], list[int]] = {}
                 choice = bool(isinstance(ex.meta, dict) and ex.meta.get("choices"))
                 for j in range(cfg.n) if choice else [0]:
-                    ids = tuple(render(tok, student_messages(_prompt(ex, j, cfg.seed)[0])))
+                    ids = tuple(render(tok, student_messages(_prompt(ex, j, cfg.seed)[0], prompt_set)))
                     groups.setdefault(ids, []).append(j)
                 for ids, js in groups.items():
                     indices = js if choice else list(range(cfg.n))
@@ -589,7 +592,7 @@ def export_prompts(cfg: EvalConfig, tok: Any, rank: int = 0) -> dict:
         "temperature": cfg.temperature, "top_p": cfg.top_p, "presence_penalty": cfg.presence_penalty,
         "frequency_penalty": cfg.frequency_penalty, "max_tokens": cfg.max_new_tokens,
         "stop_token_ids": end_of_turn_ids(tok), "budgets": sorted({int(b) for b in cfg.budgets} | {cfg.max_new_tokens}),
-        "thinking": thinking, "prompt_version": PROMPT_VERSION,
+        "thinking": thinking, "prompt_version": prompt_set.version, "prompt_hash": prompt_set.hash,
         # With thinking: where a sample reaches a budget inside its block, continue prompt + its
         # first b token ids + the cue's ids for at most force_tokens tokens, and send the cue plus
         # that text back as forced[b].
@@ -761,7 +764,9 @@ def evaluate_samples(cfg: EvalConfig, tokenizer: Any = None, label: str | None =
         "label": label or "external",
         "model": model_label(cfg.model), "samples_file": str(cfg.samples),
         "dataset": dataset_name(cfg.data.source), "split": cfg.data.split,
-        "max_new_tokens": cfg.max_new_tokens, "prompt_version": PROMPT_VERSION,
+        "max_new_tokens": cfg.max_new_tokens,
+        # the prompts `--export-prompts` writes under this config (another engine's samples carry no hash)
+        "prompt_version": load_prompts(cfg.prompts).version, "prompt_hash": load_prompts(cfg.prompts).hash,
         # how budgets were applied: cut (token_ids, as a native run), finished (n_tokens only: wrong
         # past the budget), none (no token counts: every sample taken to fit)
         "budget_rule": dict(rules),

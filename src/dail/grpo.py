@@ -6,7 +6,8 @@ checkpoints and resume. dail owns what makes GRPO
 comparable with its other methods:
 - the model: loaded by `dail.models` (embedded GGUF, hub id or folder), LoRA attached by
   `attach_lora` with the same settings and defaults as `dail train`;
-- the prompt: the student context of `dail eval`, `prompts.render(tok, student_messages(x))`;
+- the prompt: the student context of `dail eval`, `prompts.render(tok, student_messages(x, prompts))`,
+  with the same prompt file (`GRPOConfig.prompts`);
 - the sampler: `dail.decoding.decode`, the one `dail eval` uses (same stop tokens, same
   temperature/top-p rule), with one seeded generator per rollout, keyed on (run seed, step,
   problem, index in the group), so rollouts do not depend on batching or process count;
@@ -80,7 +81,8 @@ from dail.hints import collect_hints, read_hints, usable_hints
 from dail.layout import RunFolder, finished_adapter, grpo_files
 from dail.lock import output_lock
 from dail.models import attach_lora, check_source, context_window, load_model, load_tokenizer, model_label
-from dail.prompts import HINT_PROMPT_VERSION, PROMPT_VERSION, end_of_turn_ids, hinted_messages, render, student_messages
+from dail.prompts import (HINT_PROMPT_VERSION, end_of_turn_ids, hinted_messages, load_prompts, render,
+                          student_messages)
 
 __all__ = ["train_grpo", "needs_hint", "plan_hints", "make_reward", "Rollout", "load_train_problems",
            "config_for_compare"]
@@ -153,12 +155,13 @@ class Rollout:
 
     def __init__(self, tok: Any, problems: list[Example], hints: dict[str, str], cfg: GRPOConfig) -> None:
         self.tok, self.cfg, self.hints = tok, cfg, hints
-        self.by_prompt = {student_messages(ex.problem)[0]["content"]: ex for ex in problems}
+        self.prompts = prompts = load_prompts(cfg.prompts)
+        self.by_prompt = {student_messages(ex.problem, prompts)[0]["content"]: ex for ex in problems}
         if len(self.by_prompt) < len(problems):
             warnings.warn("some training problems have the same text; their rollouts share one problem's hint",
                           stacklevel=2)
-        self.plain = {ex.id: render(tok, student_messages(ex.problem)) for ex in problems}
-        self.hinted = {ex.id: render(tok, hinted_messages(ex.problem, hints[ex.id])) for ex in problems
+        self.plain = {ex.id: render(tok, student_messages(ex.problem, prompts)) for ex in problems}
+        self.hinted = {ex.id: render(tok, hinted_messages(ex.problem, hints[ex.id], prompts)) for ex in problems
                        if ex.id in hints}
         self.stop, self.pad = end_of_turn_ids(tok), tok.pad_token_id
 
@@ -406,7 +409,8 @@ def _train(cfg: GRPOConfig, files: dict[str, Path], hints_path: Path, problems: 
     )
     resume_step = json.loads((resume_from / "trainer_state.json").read_text())["global_step"] if resume_from else 0
     logger = Logger(out, resume_step, rank == 0, cfg.report_to, to_dict(cfg))
-    dataset = Dataset.from_list([{"prompt": student_messages(ex.problem), "id": ex.id, "answer": str(ex.answer)}
+    dataset = Dataset.from_list([{"prompt": student_messages(ex.problem, rollout.prompts), "id": ex.id,
+                                  "answer": str(ex.answer)}
                                  for ex in problems])
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # rollout_func is marked experimental in TRL 1.16
     trainer = trl.GRPOTrainer(model=model, reward_funcs=[make_reward(cfg.num_generations, cfg.grade_timeout)],
@@ -426,7 +430,8 @@ def _train(cfg: GRPOConfig, files: dict[str, Path], hints_path: Path, problems: 
         # (LoRA's B starts at 0, so it is exactly the base model), which `dail eval` has no use for.
         trainer.accelerator.unwrap_model(trainer.model).save_pretrained(adapter, selected_adapters=["default"])
         info = {"method": "nurl" if cfg.hints != "none" else "grpo", "model": model_label(cfg.model),
-                "prompt_version": PROMPT_VERSION, "problems": len(problems), "steps": trainer.state.global_step,
+                "prompt_version": rollout.prompts.version, "prompt_hash": rollout.prompts.hash,
+                "problems": len(problems), "steps": trainer.state.global_step,
                 "processes": world, "grad_accum_steps": args.gradient_accumulation_steps,
                 "completions_per_step": per_step, "trl_version": trl.__version__, "hints": cfg.hints}
         if cfg.hints != "none":
@@ -441,4 +446,4 @@ def config_for_compare(cfg: Any, method: str, seed: int, folder: Path) -> GRPOCo
     """The GRPOConfig of a `dail compare` method (grpo, or nurl: GRPO with self hints), trained into
     `<folder>/train` on the comparison's model and training problems; an interrupted run resumes."""
     return GRPOConfig(model=cfg.model, data=cfg.data, out=str(RunFolder(Path(folder)).train), seed=seed,
-                      hints="self" if method == "nurl" else "none", resume=True)
+                      hints="self" if method == "nurl" else "none", resume=True, prompts=cfg.prompts)

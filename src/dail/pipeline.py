@@ -37,6 +37,7 @@ def resolve(cfg: RunConfig) -> RunConfig:
     cfg = copy.deepcopy(cfg)
     run = RunFolder(Path(cfg.out))
     cfg.synth.model = cfg.train.model = cfg.eval.model = cfg.model
+    cfg.synth.prompts = cfg.train.prompts = cfg.eval.prompts = cfg.prompts
     cfg.synth.data = cfg.train.expert = cfg.train_data
     cfg.synth.out = cfg.train.data = str(run.synth)
     cfg.train.out = str(run.train)

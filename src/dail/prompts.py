@@ -1,10 +1,11 @@
-"""Every prompt DAIL uses, in one place, versioned.
+"""Every prompt DAIL uses, versioned; the four roles' texts live in a prompt file.
 
 Four contexts, each chat-formatted with the model's own template and ending where the
 assistant's turn begins (docs/design.md "The three roles"):
 
 - student:   problem x
-- teacher:   problem x + expert solution s
+- teacher:   problem x + expert solution s (`synth.teacher_context solution`), or problem x + the
+             final answer alone (`answer_only`, the authors' ablation)
 - negative:  problem x + landmarks s~ (results without the derivation)
 - direct:    problem x + s, asking for a self-contained solution in the model's own words
              (direct-mode synthesis: the teacher alone writes)
@@ -12,19 +13,30 @@ assistant's turn begins (docs/design.md "The three roles"):
 All four end in the identical assistant header, so a trajectory `r` is the same token ids
 after any of them: `r` is appended as ids and never re-tokenized.
 
+Prompt files. The texts of these contexts, and the `instruction` they share, are one YAML file:
+dail's own is `prompts.yaml` next to this module (the only home of the built-in texts; read it
+for the format and the placeholders). `--prompts FILE.yaml` (`load_prompts`) replaces any of them
+and keeps the rest; the file must name its `version`. A `Prompts` holds the resolved texts, their
+version and `hash`, the short sha256 of the resolved texts, which every synthesis and evaluation
+record carries as `prompt_hash` and the resume checks compare (`dail.config.PROMPT_HASH`).
+Training refuses records whose hash differs from its own texts, since it rebuilds the teacher's
+and the negative reference's contexts from them. Placeholders are filled in one pass, and only
+the names in `PLACEHOLDERS`: other braces, such as LaTeX's `\\boxed{}`, stay as written.
+
 One more context serves a single method, STaR synthesis (`dail synth --mode star`):
 
-- rationalization: problem x + the correct final answer as a hint (Zelikman et al., 2022,
-             "rationalization"). Its samples are stored, and trained on, under the plain
+- rationalization: the student context + the correct final answer as a hint (Zelikman et al.,
+             2022, "rationalization"). Its samples are stored, and trained on, under the plain
              student context: the hint is never part of a training context.
 
 And three serve NuRL (`dail grpo --hints self`, `dail.hints`), under `HINT_PROMPT_VERSION`:
 hint_explain / hint_request (the base model explains the gold answer, then writes a short
 hint) and hinted (the student context with the hint after the problem; GRPO rollouts only).
+Both hinted contexts start with the student context's text, whichever prompt file gave it.
 
 Multiple-choice benchmarks (GPQA-style) put the options under the question in a seeded order,
 lettered, followed by `CHOICE_INSTRUCTION` (`choice_problem`); that wording is part of the
-student context of such problems and so falls under `PROMPT_VERSION`.
+problem text of such problems, so it fills the student text's {problem}.
 
 GSM8K calculator annotations (`<<6*2=12>>`) are removed from the solution the teacher sees:
 they are a dataset artefact, and a teacher that copies them would pull trajectories away
@@ -44,26 +56,157 @@ knows no thinking block, `auto` is off and `render` returns exactly the template
 Evaluation forces an answer out of a sample that reaches its token budget inside the block
 with `FORCED_ANSWER_CUE` (versioned by `FORCED_ANSWER_VERSION`).
 
-Versions. `PROMPT_VERSION` covers the four contexts above, which every stage renders (training
-rebuilds them from each record), and is saved with every output; change it whenever one of
-their wordings changes. A prompt that only one method uses has a version of its own, a
-constant named after it (`RATIONALIZATION_PROMPT_VERSION`), saved in a field of the same
-lowercase name in that method's records and stats. So adding such a prompt, or rewording it,
-does not touch `PROMPT_VERSION`, and outputs that never used it stay comparable.
+Versions. A prompt file's `version` (the built-in one's is `PROMPT_VERSION`) covers the texts
+above, which every stage renders (training rebuilds them from each record), and is saved with
+every output as `prompt_version`, next to `prompt_hash`; change it whenever one of the texts
+changes. A prompt that only one method uses has a version of its own, a constant named after
+it (`RATIONALIZATION_PROMPT_VERSION`), saved in a field of the same lowercase name in that
+method's records and stats. So adding such a prompt, or rewording it, does not touch the prompt
+file, and outputs that never used it stay comparable.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
 import re
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+
+import yaml
 
 from dail.config import ConfigError
 
-PROMPT_VERSION = "dail-prompts-v1"
+# ----------------------------------------------------------------------------- prompt files
 
-INSTRUCTION = ("Solve the following problem. Reason step by step, and put the final answer "
-               "in \\boxed{}.")
+BUILT_IN_FILE = Path(__file__).with_name("prompts.yaml")
+
+PLACEHOLDERS = ("instruction", "problem", "solution", "answer", "landmarks")
+_PLACEHOLDER = re.compile(r"\{(" + "|".join(PLACEHOLDERS) + r")\}")
+
+# Each text of a prompt file: (placeholders it must hold, those it may hold besides, who reads it).
+# A placeholder outside both is refused: it would show a role what it must not see (the student
+# the solution) or what its caller does not pass.
+TEXTS: dict[str, tuple[tuple[str, ...], tuple[str, ...], str]] = {
+    "instruction": ((), (), "every context, through {instruction}"),
+    "student": (("problem",), ("instruction",), "the student, evaluation and GRPO: the problem alone"),
+    "teacher": (("problem", "solution"), ("instruction", "answer"), "the teacher: problem + expert solution"),
+    "teacher_answer_only": (("problem", "answer"), ("instruction",),
+                            "the teacher with teacher_context answer_only: problem + final answer"),
+    "negative": (("problem", "landmarks"), ("instruction", "answer"), "the negative reference: problem + landmarks"),
+    "direct": (("problem", "solution"), ("instruction", "answer"), "direct-mode synthesis: problem + solution"),
+}
+
+TEACHER_CONTEXTS = ("solution", "answer_only")
+
+
+@dataclass(frozen=True)
+class Prompts:
+    """The resolved texts of a prompt file (every key of `TEXTS`), its version, where it came from
+    ('' = built in) and `hash`, the first 12 hex digits of the sha256 of the texts (not the version)."""
+    texts: dict
+    version: str
+    source: str = ""
+    hash: str = ""
+
+
+def texts_hash(texts: dict) -> str:
+    """Short sha256 of the resolved texts: canonical JSON, keys sorted."""
+    blob = json.dumps({k: texts[k] for k in sorted(texts)}, ensure_ascii=False, sort_keys=True)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:12]
+
+
+def _read_prompt_file(path: Path, built_in: bool) -> dict:
+    """A prompt file's mapping, checked: known keys only, a version, each text a string with the
+    placeholders its role needs and none it must not see. Errors name the file and the key."""
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: prompt file not found") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of prompt texts (version, {', '.join(TEXTS)}), "
+                          f"got {type(data).__name__}")
+    for key, value in data.items():
+        if key != "version" and key not in TEXTS:
+            raise ConfigError(f"{path}: unknown key {key!r} (expected version, {', '.join(TEXTS)})")
+        if not isinstance(value, str) or not value.strip():
+            raise ConfigError(f"{path}: key {key!r}: expected a non-empty string, got {value!r}")
+    if "version" not in data:
+        raise ConfigError(f"{path}: key 'version' is missing: name this set of texts (it is saved as every "
+                          "record's prompt_version), e.g. version: my-prompts-v1")
+    missing = [k for k in TEXTS if k not in data]
+    if built_in and missing:
+        raise ConfigError(f"{path}: the built-in prompt file lacks {', '.join(missing)}")
+    for key in (k for k in TEXTS if k in data):
+        needs, may, who = TEXTS[key]
+        found = set(_PLACEHOLDER.findall(data[key]))
+        lacking = [n for n in needs if n not in found]
+        if lacking:
+            raise ConfigError(f"{path}: key {key!r}: needs the placeholder(s) "
+                              f"{', '.join('{' + n + '}' for n in lacking)} ({who})")
+        extra = sorted(found - set(needs) - set(may))
+        if extra:
+            allowed = ", ".join("{" + n + "}" for n in needs + may) or "none"
+            raise ConfigError(f"{path}: key {key!r}: placeholder(s) {', '.join('{' + n + '}' for n in extra)} "
+                              f"not available here ({who}; available: {allowed})")
+    return data
+
+
+def _built_in() -> Prompts:
+    data = _read_prompt_file(BUILT_IN_FILE, built_in=True)
+    texts = {k: data[k] for k in TEXTS}
+    return Prompts(texts, data["version"], "", texts_hash(texts))
+
+
+BUILT_IN = _built_in()
+PROMPT_VERSION = BUILT_IN.version  # "dail-prompts-v1"
+
+_loaded: dict[tuple[str, int, int], Prompts] = {}
+
+
+def load_prompts(path: str | Path = "") -> Prompts:
+    """The prompts of `path` merged over the built-in ones ('' = the built-in ones).
+
+    A file whose version is the built-in one must hold the built-in texts: another text under
+    the same version would make two sets of outputs look alike.
+    """
+    if not str(path):
+        return BUILT_IN
+    path = Path(path)
+    try:
+        stat = path.stat()
+        key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+    except OSError:
+        key = None
+    if key in _loaded:
+        return _loaded[key]
+    data = _read_prompt_file(path, built_in=False)
+    texts = BUILT_IN.texts | {k: v for k, v in data.items() if k in TEXTS}
+    prompts = Prompts(texts, data["version"], str(path), texts_hash(texts))
+    if prompts.version == BUILT_IN.version and prompts.hash != BUILT_IN.hash:
+        raise ConfigError(f"{path}: key 'version': {prompts.version!r} is the built-in texts' version, but the texts "
+                          "differ; give your file a version of its own")
+    if key is not None:
+        _loaded[key] = prompts
+    return prompts
+
+
+def _fill(prompts: Prompts | None, key: str, **values: str) -> list[dict]:
+    """One user message: text `key` of `prompts` (None = built in) with its placeholders filled,
+    in one pass (a value that holds "{problem}" stays as it is)."""
+    prompts = prompts or BUILT_IN
+    values["instruction"] = prompts.texts["instruction"]
+    return [{"role": "user", "content": _PLACEHOLDER.sub(lambda m: values[m.group(1)], prompts.texts[key])}]
+
+
+def _answer(answer: Any) -> str:
+    """The gold answer as shown, "(none)" where there is none (a proof)."""
+    text = "" if answer is None else str(answer).strip()
+    return text or "(none)"
 
 
 def clean_solution(solution: str) -> str:
@@ -71,46 +214,59 @@ def clean_solution(solution: str) -> str:
     return re.sub(r"<<[^<>]*>>", "", solution).strip()
 
 
-def student_messages(problem: str) -> list[dict]:
-    return [{"role": "user", "content": f"{INSTRUCTION}\n\nProblem: {problem.strip()}"}]
+def student_messages(problem: str, prompts: Prompts | None = None) -> list[dict]:
+    return _fill(prompts, "student", problem=problem.strip())
 
 
-def teacher_messages(problem: str, solution: str) -> list[dict]:
-    return [{"role": "user", "content": (
-        f"{INSTRUCTION}\n\nProblem: {problem.strip()}\n\n"
-        f"An expert's solution, for your reference:\n{clean_solution(solution)}")}]
+def teacher_messages(problem: str, solution: str, answer: str | None = None,
+                     prompts: Prompts | None = None) -> list[dict]:
+    return _fill(prompts, "teacher", problem=problem.strip(), solution=clean_solution(solution),
+                 answer=_answer(answer))
 
 
-def negative_messages(problem: str, landmarks: list[str]) -> list[dict]:
-    results = "; ".join(landmarks) if landmarks else "(none)"
-    return [{"role": "user", "content": (
-        f"{INSTRUCTION}\n\nProblem: {problem.strip()}\n\n"
-        f"Key intermediate results, for your reference: {results}")}]
+def answer_only_messages(problem: str, answer: str, prompts: Prompts | None = None) -> list[dict]:
+    """The `answer_only` teacher: the problem and its final answer, no solution (the authors' ablation)."""
+    return _fill(prompts, "teacher_answer_only", problem=problem.strip(), answer=_answer(answer))
 
 
-def direct_messages(problem: str, solution: str) -> list[dict]:
-    return [{"role": "user", "content": (
-        f"{INSTRUCTION}\n\nProblem: {problem.strip()}\n\n"
-        f"Here is a correct solution:\n{clean_solution(solution)}\n\n"
-        "Now write your own complete, self-contained solution. Explain every step in your own "
-        "words, as if you were solving it for the first time, and do not mention the solution above.")}]
+def teacher_context(kind: str, problem: str, solution: str, answer: str | None,
+                    prompts: Prompts | None = None) -> list[dict]:
+    """The teacher's context for `synth.teacher_context` `kind` (solution | answer_only)."""
+    if kind == "answer_only":
+        return answer_only_messages(problem, answer or "", prompts)
+    if kind == "solution":
+        return teacher_messages(problem, solution, answer, prompts)
+    raise ValueError(f"teacher context: expected {'|'.join(TEACHER_CONTEXTS)}, got {kind!r}")
+
+
+def negative_messages(problem: str, landmarks: list[str], answer: str | None = None,
+                      prompts: Prompts | None = None) -> list[dict]:
+    return _fill(prompts, "negative", problem=problem.strip(),
+                 landmarks="; ".join(landmarks) if landmarks else "(none)", answer=_answer(answer))
+
+
+def direct_messages(problem: str, solution: str, answer: str | None = None,
+                    prompts: Prompts | None = None) -> list[dict]:
+    return _fill(prompts, "direct", problem=problem.strip(), solution=clean_solution(solution),
+                 answer=_answer(answer))
 
 
 RATIONALIZATION_PROMPT_VERSION = "dail-rationalization-v1"
+RATIONALIZATION_HINT = ("Hint: the correct final answer is {answer}. Work it out step by step as if you were "
+                        "solving the problem on your own, arrive at that answer, and do not mention this hint.")
 
 
-def rationalization_messages(problem: str, answer: str) -> list[dict]:
-    """STaR's rationalization context: the problem with its correct final answer as a hint.
+def rationalization_messages(problem: str, answer: str, prompts: Prompts | None = None) -> list[dict]:
+    """STaR's rationalization context: the student context with the correct final answer as a hint
+    after it.
 
     The paper shows the answer as a hint inside its few-shot prompt; dail has no few-shot
     prompt, so the answer is stated after the problem instead. The model is asked not to
     mention it because the rationale is trained on after the plain problem, where a reference
     to "the hint" makes no sense.
     """
-    return [{"role": "user", "content": (
-        f"{INSTRUCTION}\n\nProblem: {problem.strip()}\n\n"
-        f"Hint: the correct final answer is {answer.strip()}. Work it out step by step as if you were "
-        "solving the problem on your own, arrive at that answer, and do not mention this hint.")}]
+    (msg,) = student_messages(problem, prompts)
+    return [{"role": "user", "content": msg["content"] + "\n\n" + RATIONALIZATION_HINT.format(answer=answer.strip())}]
 
 
 def render(tokenizer: Any, messages: list[dict]) -> list[int]:
@@ -258,10 +414,10 @@ HINT_REQUEST = ("Now write one short hint, one or two sentences, for a student w
 HINT_LINE = "Hint: {hint}"
 
 
-def hinted_messages(problem: str, hint: str) -> list[dict]:
+def hinted_messages(problem: str, hint: str, prompts: Prompts | None = None) -> list[dict]:
     """The student context with the hint after the problem (training rollouts only). It starts
     with exactly the student context's text, so plain and hinted prompts differ only by the hint."""
-    (msg,) = student_messages(problem)
+    (msg,) = student_messages(problem, prompts)
     return [{"role": "user", "content": msg["content"] + "\n\n" + HINT_LINE.format(hint=hint.strip())}]
 
 

@@ -22,7 +22,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from dail import dist
-from dail.config import EvalConfig, SweepConfig, save
+from dail.config import EvalConfig, SweepConfig, SynthConfig, TrainConfig, save
 from dail.evaluation import evaluate
 from dail.layout import RunFolder, eval_files, shared_synth, synth_files
 from dail.lock import output_lock
@@ -39,9 +39,23 @@ def _tag(x: float) -> str:
     return f"{x:g}"
 
 
+def _synth_cfg(cfg: SweepConfig, tau: float) -> SynthConfig:
+    s = copy.deepcopy(cfg.synth)
+    s.model, s.data, s.tau, s.prompts = cfg.model, cfg.data, float(tau), cfg.prompts
+    s.out = str(shared_synth(cfg.out, f"tau{_tag(tau)}"))
+    return s
+
+
+def _train_cfg(cfg: SweepConfig, tau: float, gamma: float, folder: Path) -> TrainConfig:
+    t = copy.deepcopy(cfg.train)
+    t.model, t.expert, t.gamma, t.prompts = cfg.model, cfg.data, float(gamma), cfg.prompts
+    t.data, t.out = str(shared_synth(cfg.out, f"tau{_tag(tau)}")), str(RunFolder(folder).train)
+    return t
+
+
 def _eval_cfg(cfg: SweepConfig, folder: Path, adapter: str) -> EvalConfig:
     e = copy.deepcopy(cfg.eval)
-    e.model, e.adapter, e.out = cfg.model, adapter, str(RunFolder(folder).eval("val"))
+    e.model, e.adapter, e.out, e.prompts = cfg.model, adapter, str(RunFolder(folder).eval("val")), cfg.prompts
     e.data = copy.deepcopy(cfg.data)
     e.data.split, e.data.limit = "val", cfg.val_limit
     return e
@@ -58,17 +72,12 @@ def sweep(cfg: SweepConfig) -> Path:
         model = load_model(cfg.model)
         evaluate(_eval_cfg(cfg, out / "base", ""), model, tok, label="base")
         for tau in cfg.taus:
-            s = copy.deepcopy(cfg.synth)
-            s.model, s.data, s.tau, s.out = cfg.model, cfg.data, float(tau), str(shared_synth(out, f"tau{_tag(tau)}"))
-            synthesize(s, model, tok)
+            synthesize(_synth_cfg(cfg, tau), model, tok)
         del model
         for tau in cfg.taus:
             for gamma in cfg.gammas:
                 folder = out / f"tau{_tag(tau)}-gamma{_tag(gamma)}"
-                t = copy.deepcopy(cfg.train)
-                t.model, t.expert, t.gamma = cfg.model, cfg.data, float(gamma)
-                t.data, t.out = str(shared_synth(out, f"tau{_tag(tau)}")), str(RunFolder(folder).train)
-                adapter = train_or_reuse(t)
+                adapter = train_or_reuse(_train_cfg(cfg, tau, gamma, folder))
                 trained = load_adapter_for_inference(load_model(cfg.model), str(adapter))
                 evaluate(_eval_cfg(cfg, folder, str(adapter)), trained, tok, label=folder.name)
                 del trained

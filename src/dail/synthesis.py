@@ -88,9 +88,9 @@ from dail.landmarks import extract_landmarks
 from dail.layout import synth_files
 from dail.lock import output_lock
 from dail.models import context_window, load_model, load_tokenizer, model_label
-from dail.prompts import (PROMPT_VERSION, RATIONALIZATION_PROMPT_VERSION, direct_messages, end_of_turn_ids,
-                          rationalization_messages, render, set_thinking, student_messages, teacher_messages,
-                          think_close_ids, thinking_on)
+from dail.prompts import (RATIONALIZATION_PROMPT_VERSION, answer_only_messages, direct_messages, end_of_turn_ids,
+                          load_prompts, rationalization_messages, render, set_thinking, student_messages,
+                          teacher_messages, think_close_ids, thinking_on)
 
 log = logging.getLogger(__name__)
 
@@ -123,8 +123,13 @@ def _synthesize(cfg: SynthConfig, model: Any, tokenizer: Any, examples: list[Exa
     if rank == 0:
         save(cfg, paths["config"])
     examples = examples if examples is not None else load_examples(cfg.data)  # bad data fails fast
-    if cfg.mode == "star":
-        _check_answers(examples, cfg.data.source)  # before any model loads
+    prompts = load_prompts(cfg.prompts)
+    if cfg.mode == "star":  # before any model loads
+        _check_answers(examples, cfg.data.source, "mode star needs a gold 'answer' for every problem (each attempt "
+                       "is graded against it, and it is the rationalization hint)", "or use mode mixed or direct")
+    if cfg.teacher_context == "answer_only":
+        _check_answers(examples, cfg.data.source, "teacher_context answer_only needs a gold 'answer' for every "
+                       "problem (it is all the teacher sees besides the problem)", "or use teacher_context solution")
     own = sum(ex.landmarks is not None for ex in examples)
     if own:
         log.info("landmarks: %d of %d expert records carry their own list, which wins over the '%s' "
@@ -163,7 +168,7 @@ def _synthesize(cfg: SynthConfig, model: Any, tokenizer: Any, examples: list[Exa
                 todo = [i for i in range(cfg.samples_per_problem) if (ex.id, i) not in done]
                 if not todo:
                     continue
-                prompt = render(tokenizer, student_messages(ex.problem))
+                prompt = render(tokenizer, student_messages(ex.problem, prompts))
                 if run.fits(ex, todo, [prompt], "self"):
                     jobs += [_Job(ex, i, prompt, star_path="self") for i in todo]
             solved |= {r["id"] for r in run(jobs, "student", "star, self") if r["correct"]}
@@ -173,7 +178,7 @@ def _synthesize(cfg: SynthConfig, model: Any, tokenizer: Any, examples: list[Exa
                 todo = [first + j for j in range(cfg.rationalization_samples) if (ex.id, first + j) not in done]
                 if ex.id in solved or not todo:
                     continue
-                prompt = render(tokenizer, rationalization_messages(ex.problem, ex.answer))
+                prompt = render(tokenizer, rationalization_messages(ex.problem, ex.answer, prompts))
                 if run.fits(ex, todo, [prompt], "rationalized"):
                     jobs += [_Job(ex, i, prompt, star_path="rationalized") for i in todo]
             run(jobs, "teacher", "star, rationalized")
@@ -183,12 +188,17 @@ def _synthesize(cfg: SynthConfig, model: Any, tokenizer: Any, examples: list[Exa
                 todo = [i for i in range(cfg.samples_per_problem) if (ex.id, i) not in done]
                 if not todo:
                     continue
+                prompt = render(tokenizer, student_messages(ex.problem, prompts)) if cfg.mode == "mixed" else None
+                if cfg.teacher_context == "answer_only":  # no solution in any context: nothing to cut
+                    teacher = render(tokenizer, answer_only_messages(ex.problem, ex.answer, prompts))
+                    if run.fits(ex, todo, [prompt, teacher]):
+                        jobs += [_Job(ex, i, prompt, teacher) for i in todo]
+                    continue
                 # The context that holds the expert solution (the teacher's, or direct mode's only one)
                 # is built from a solution, so that an over-long one can be cut to fit.
-                prompt = render(tokenizer, student_messages(ex.problem)) if cfg.mode == "mixed" else None
                 messages = teacher_messages if cfg.mode == "mixed" else direct_messages
-                fitted = run.fit_solution(ex, todo, prompt,
-                                          lambda sol, ex=ex, m=messages: render(tokenizer, m(ex.problem, sol)))
+                fitted = run.fit_solution(ex, todo, prompt, lambda sol, ex=ex, m=messages: render(
+                    tokenizer, m(ex.problem, sol, ex.answer, prompts)))
                 if fitted is not None:
                     ex, solution_prompt, cut = fitted
                     jobs += [_Job(ex, i, prompt, solution_prompt, shortened=cut) if prompt is not None
@@ -226,16 +236,14 @@ def _synthesize(cfg: SynthConfig, model: Any, tokenizer: Any, examples: list[Exa
     return out
 
 
-def _check_answers(examples: list[Example], source: str) -> None:
-    """STaR grades every attempt and gives the answer as the rationalization hint: every problem
-    needs a gold answer."""
+def _check_answers(examples: list[Example], source: str, why: str, instead: str) -> None:
+    """Every problem needs a gold answer (STaR grades every attempt and gives the answer as the
+    rationalization hint; the answer_only teacher sees nothing else)."""
     missing = [ex.id for ex in examples if not (ex.answer or "").strip()]
     if missing:
         shown = ", ".join(repr(i) for i in missing[:5]) + (", ..." if len(missing) > 5 else "")
-        raise DataError(f"{source}: mode star needs a gold 'answer' for every problem (each attempt is graded "
-                        f"against it, and it is the rationalization hint), but {len(missing)} of {len(examples)} "
-                        f"problems have none (ids {shown}). Add an 'answer' field to those records, or use mode "
-                        "mixed or direct.")
+        raise DataError(f"{source}: {why}, but {len(missing)} of {len(examples)} problems have none (ids {shown}). "
+                        f"Add an 'answer' field to those records, {instead}.")
 
 
 @dataclass
@@ -257,6 +265,7 @@ class _Runner:
                  window: int, show: bool) -> None:
         self.cfg, self.model, self.tokenizer, self.label, self.handles = cfg, model, tokenizer, label, handles
         self.stop_ids, self.window, self.show = stop_ids, window, show
+        self.prompts = load_prompts(cfg.prompts)
         # Thinking on: trajectories are written inside the thinking block, so its closing tag is never drawn.
         self.thinking = thinking_on(tokenizer)
         self.banned = think_close_ids(tokenizer) if self.thinking else None
@@ -331,8 +340,10 @@ class _Runner:
                     "temperature": cfg.temperature, "top_p": cfg.top_p, "thinking": self.thinking,
                     "presence_penalty": cfg.presence_penalty, "frequency_penalty": cfg.frequency_penalty,
                     "seed": sample_seed(cfg.seed, j.ex.id, j.index), "sample_index": j.index, "model": self.label,
-                    "prompt_version": PROMPT_VERSION, "correct": correct,
+                    "prompt_version": self.prompts.version, "prompt_hash": self.prompts.hash, "correct": correct,
                 }
+                if cfg.mode != "star":  # training builds the teacher's context from it
+                    record["teacher_context"] = cfg.teacher_context
                 if j.star_path:
                     record["star_path"] = j.star_path
                 if j.shortened:
@@ -497,6 +508,7 @@ def compute_stats(kept: list[dict], rejected: list[dict], skipped: int, fraction
     """Statistics of every trajectory written: kept in the training set, left out of it by
     `per_problem` (`unselected`), or rejected by `keep`."""
     unselected = unselected or []
+    prompts = load_prompts(cfg.prompts)
     records = kept + unselected + rejected
     n_tok = sum(len(r["teacher_mask"]) for r in records)
     n_teacher = sum(sum(r["teacher_mask"]) for r in records)
@@ -521,7 +533,8 @@ def compute_stats(kept: list[dict], rejected: list[dict], skipped: int, fraction
         "graded": len(graded), "correct": sum(graded), "ungraded": len(records) - len(graded),
         "correct_fraction": round(sum(graded) / len(graded), 4) if graded else None,
         **_read_throughput(out),
-        "prompt_version": PROMPT_VERSION,
+        "prompt_version": prompts.version, "prompt_hash": prompts.hash,
+        **({"teacher_context": cfg.teacher_context} if cfg.mode != "star" else {}),
     }
 
 

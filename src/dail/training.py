@@ -48,8 +48,8 @@ from dail.layout import finished_adapter, train_files
 from dail.lock import output_lock
 from dail.losses import OBJECTIVES, LossSums, chunked_loss
 from dail.models import attach_lora, load_model, load_tokenizer, model_label
-from dail.prompts import (PROMPT_VERSION, end_of_turn_id, negative_messages, render, student_messages,
-                          teacher_messages, thinking_on)
+from dail.prompts import (TEACHER_CONTEXTS, Prompts, end_of_turn_id, load_prompts, negative_messages, render,
+                          student_messages, teacher_context, thinking_on)
 from dail.records import read_records
 from dail.reference import (Batch, Sequence, build_ref_cache, cached_refs, collate, lm_head_params, reference_hidden,
                         role_hidden)
@@ -96,10 +96,31 @@ def _landmarks(path: str, i: int, rec: dict) -> tuple[list[str], str | None]:
         raise DataError(f"{path}: record {i}: field 'landmarks_kind': {e}") from None
 
 
+def _check_contexts(path: str, i: int, rec: dict, prompts: Prompts, teacher: bool) -> str:
+    """The record's teacher context (solution if absent), checked against what training renders:
+    the record's prompt_hash (absent in records made before prompt files: tolerated) must be the
+    hash of training's prompt texts, and an answer_only teacher needs the record's answer."""
+    made_with = rec.get("prompt_hash")
+    if made_with is not None and made_with != prompts.hash:
+        raise DataError(f"{path}: record {i}: field 'prompt_hash': {made_with!r}, but training renders its contexts "
+                        f"with {prompts.source or 'the built-in prompts'} (hash {prompts.hash!r}); set prompts to the "
+                        "prompt file synthesis used")
+    kind = rec.get("teacher_context", "solution")
+    if kind not in TEACHER_CONTEXTS:
+        raise DataError(f"{path}: record {i}: field 'teacher_context': expected {'|'.join(TEACHER_CONTEXTS)}, "
+                        f"got {kind!r}")
+    if teacher and kind == "answer_only" and not str(rec.get("answer") or "").strip():
+        raise DataError(f"{path}: record {i}: field 'answer': the teacher context is answer_only (the problem and "
+                        "its final answer), but the record has no answer")
+    return kind
+
+
 def build_sequences(cfg: TrainConfig, tok: Any) -> list[Sequence]:
     """Token sequences for `cfg.loss`, with the contexts of the roles it needs; those longer than
-    `max_length` are left out with a warning."""
+    `max_length` are left out with a warning. Contexts are rendered with `cfg.prompts`, which must
+    be the texts synthesis used (`_check_contexts`)."""
     roles = OBJECTIVES[cfg.loss].roles
+    prompts = load_prompts(cfg.prompts)
     seqs = []
     if cfg.loss == "sft":
         source = cfg.expert.source
@@ -107,25 +128,30 @@ def build_sequences(cfg: TrainConfig, tok: Any) -> list[Sequence]:
         for ex in load_examples(cfg.expert):
             # The raw expert solution, as the dataset gives it (the `sft` baseline of the paper).
             target = tok(ex.solution, add_special_tokens=False)["input_ids"] + [eot]
-            seqs.append(Sequence(ex.id, target, {"student": render(tok, student_messages(ex.problem))}, ex.id))
+            seqs.append(Sequence(ex.id, target, {"student": render(tok, student_messages(ex.problem, prompts))},
+                                 ex.id))
     else:
         source = cfg.data
         taken: set[str] = set()
         extracted: Counter[str | None] = Counter()  # landmark kind (None: the record's own) -> examples
         thinking = thinking_on(tok)
+        unhashed = 0  # records made before prompt files, which carry no prompt_hash
         for i, rec in enumerate(_synthetic_records(cfg.data), start=1):
             # A trajectory written inside a thinking block follows contexts that open one, and only those.
             if rec.get("thinking") is not None and bool(rec["thinking"]) != thinking:
                 raise DataError(f"{cfg.data}: record {i}: field 'thinking': {rec['thinking']}, but training formats "
                                 f"its contexts with thinking {'on' if thinking else 'off'} (model.thinking "
                                 f"{cfg.model.thinking!r}); set model.thinking as synthesis had it")
-            ctx = {"student": render(tok, student_messages(rec["problem"]))}
+            kind = _check_contexts(cfg.data, i, rec, prompts, "teacher" in roles)
+            unhashed += rec.get("prompt_hash") is None
+            answer = None if rec.get("answer") is None else str(rec["answer"])
+            ctx = {"student": render(tok, student_messages(rec["problem"], prompts))}
             if "teacher" in roles:
-                ctx["teacher"] = render(tok, teacher_messages(rec["problem"], rec["solution"]))
+                ctx["teacher"] = render(tok, teacher_context(kind, rec["problem"], rec["solution"], answer, prompts))
             if "negative" in roles:
-                marks, kind = _landmarks(cfg.data, i, rec)
-                extracted[kind] += 1
-                ctx["negative"] = render(tok, negative_messages(rec["problem"], marks))
+                marks, marks_kind = _landmarks(cfg.data, i, rec)
+                extracted[marks_kind] += 1
+                ctx["negative"] = render(tok, negative_messages(rec["problem"], marks, answer, prompts))
             # Ids are unique (the reference cache is keyed by them): "<id>#<sample_index>", plus
             # "@<record number>" for a record without a sample index or with a repeated one.
             index = rec.get("sample_index")
@@ -134,6 +160,9 @@ def build_sequences(cfg: TrainConfig, tok: Any) -> list[Sequence]:
                 sid = f"{sid}@{i}"
             taken.add(sid)
             seqs.append(Sequence(sid, list(rec["trajectory_ids"]), ctx, str(rec["id"])))
+        if unhashed and prompts.source:
+            log.warning("%s: %d records carry no prompt_hash (made before prompt files, with the built-in texts); "
+                        "they are trained with %s", cfg.data, unhashed, prompts.source)
         if extracted:
             own = extracted.pop(None, 0)
             kinds = ", ".join(f"{n} with '{k}'" for k, n in sorted(extracted.items()))
@@ -343,7 +372,8 @@ def _train(cfg: TrainConfig, accelerator: Any) -> Path:
         unwrapped = accelerator.unwrap_model(model)
         unwrapped.save_pretrained(adapter_dir)
         (out / "train_info.json").write_text(json.dumps({
-            "model": model_label(cfg.model), "prompt_version": PROMPT_VERSION, "examples": len(seqs),
+            "model": model_label(cfg.model), "prompt_version": load_prompts(cfg.prompts).version,
+            "prompt_hash": load_prompts(cfg.prompts).hash, "examples": len(seqs),
             "steps": step, "processes": world, "grad_accum_steps": accum}, indent=2))
         if cfg.merge:
             merged = unwrapped.merge_and_unload()

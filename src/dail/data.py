@@ -622,7 +622,8 @@ def load_benchmark(path: str | Path, fields: dict | None = None) -> list[Example
         else:
             answer = _last_box(get("solution")) if box_answer else get("answer")
             if answer is None:
-                source = "the solution has no \\boxed{}" if box_answer else f"column {mapping.get('answer')!r}"
+                source = ("the solution has no \\boxed{}" if box_answer else
+                          f"column {mapping['answer']!r}" if mapping.get("answer") else "not in the record")
                 raise DataError(f"{where}: field 'answer' ({source}): missing for problem {get('id') or i!r}. Every "
                                 "benchmark problem needs a gold answer to grade against, so proofs and other problems "
                                 "without a checkable answer cannot be graded (if the answers are in another "

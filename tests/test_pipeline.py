@@ -82,3 +82,18 @@ def test_every_method_reads_the_same_problems():
     train_templates = {ex.meta["template"] for ex in load_examples(test.train_data)}
     test_templates = {ex.meta["template"] for ex in load_examples(test.eval.data)}
     assert len(test_templates) == 16 and not train_templates & test_templates
+
+
+def test_dail_run_says_so_when_synthesis_keeps_nothing(tiny_dir, tmp_path, capsys):
+    # With keep: correct, a random model reaches no answer, so nothing is left to train on.
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        main(["run", "--out", str(out), "--model.name", str(tiny_dir), "--model.device", "cpu",
+              "--train_data.source", _experts(tmp_path / "train.jsonl", 0, 2),
+              "--test_data.source", _experts(tmp_path / "test.jsonl", 10, 2),
+              "--synth.max_new_tokens", "8", "--synth.samples_per_problem", "1", "--synth.keep", "correct"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "synthesis kept no trajectory for training (keep: correct; 2 wrong ones" in err
+    assert "--synth.keep all" in err
+    assert not (out / "train").exists()

@@ -23,7 +23,9 @@ from pathlib import Path
 from dail import dist
 from dail.config import DataConfig, EvalConfig, RunConfig, save
 from dail.evaluation import evaluate
-from dail.layout import RunFolder
+from dail.data import DataError
+from dail.layout import RunFolder, synth_files
+from dail.records import read_records
 from dail.models import load_model, load_tokenizer
 from dail.report import write_report
 from dail.synthesis import synthesize
@@ -57,7 +59,11 @@ def run(cfg: RunConfig) -> Path:
     model = load_model(cfg.model)
     if cfg.train.loss != "sft":
         log.info("stage 1/3: synthesis -> %s", cfg.synth.out)
-        synthesize(cfg.synth, model, tokenizer)
+        if not read_records(synthesize(cfg.synth, model, tokenizer)):
+            rejected = synth_files(cfg.synth.out)["rejected"]
+            raise DataError(f"{cfg.synth.out}: synthesis kept no trajectory for training (keep: {cfg.synth.keep}; "
+                            f"{len(read_records(rejected))} wrong ones are in {rejected.name}). Raise "
+                            "--synth.samples_per_problem or --train_data.limit, or pass --synth.keep all")
 
     evals = [("test", cfg.test_data)] + ([("train", cfg.train_data)] if cfg.eval_train else [])
     for split, data in evals:

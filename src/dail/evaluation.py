@@ -177,6 +177,23 @@ def _fits(r: dict, b: int) -> bool:
     return r["n_tokens"] is None or b >= r["n_tokens"]
 
 
+def _grade_jobs(jobs: dict[str, list[tuple[dict, Any, str]]], timeout: float) -> list[tuple[dict, Any, bool]]:
+    """Grade every (record, key, text) job, one grade_many call per kind, and return (record, key,
+    correct). A grade that ran past the timeout counts as wrong and adds one to the record's
+    `grade_timeouts` (reported in the summary)."""
+    out = []
+    for kind, items in jobs.items():
+        if not items:
+            continue
+        late: list[int] = []
+        grades = grade_many([t for _, _, t in items], [r["gold"] for r, _, _ in items], timeout, kind=kind,
+                            timed_out=late)
+        for i in late:
+            items[i][0]["grade_timeouts"] = items[i][0].get("grade_timeouts", 0) + 1
+        out += [(r, key, bool(ok)) for (r, key, _), ok in zip(items, grades)]
+    return out
+
+
 def grade_records(records: list[dict], budgets: list[int], tok: Any, timeout: float) -> None:
     """Fill `correct`, `correct_at_budget` (missing budgets only) and `answer_token_index` in place.
 
@@ -192,20 +209,11 @@ def grade_records(records: list[dict], budgets: list[int], tok: Any, timeout: fl
             if str(b) in r["correct_at_budget"] or _fits(r, b):
                 continue
             jobs[r["kind"]].append((r, str(b), _decode_text(tok, r["token_ids"][:b])))
-    for kind, items in jobs.items():
-        if not items:
-            continue
-        late: list[int] = []
-        grades = grade_many([t for _, _, t in items], [r["gold"] for r, _, _ in items], timeout, kind=kind,
-                            timed_out=late)
-        for i in late:  # graded wrong because math-verify ran past the timeout: counted in the summary
-            r = items[i][0]
-            r["grade_timeouts"] = r.get("grade_timeouts", 0) + 1
-        for (r, b, _), ok in zip(items, grades):
-            if b is None:
-                r["correct"] = bool(ok)
-            else:
-                r["correct_at_budget"][b] = bool(ok)
+    for r, b, ok in _grade_jobs(jobs, timeout):
+        if b is None:
+            r["correct"] = ok
+        else:
+            r["correct_at_budget"][b] = ok
     for r in records:
         for b in budgets:
             if _fits(r, b):
@@ -281,16 +289,8 @@ def grade_forced(records: list[dict], budgets: list[int], timeout: float) -> Non
             got[b] = r["correct_at_budget"][b]
             if forced.get(b) is not None:
                 jobs[r["kind"]].append((r, b, forced[b]))
-    for kind, items in jobs.items():
-        if not items:
-            continue
-        late: list[int] = []
-        grades = grade_many([t for _, _, t in items], [r["gold"] for r, _, _ in items], timeout, kind=kind,
-                            timed_out=late)
-        for i in late:
-            items[i][0]["grade_timeouts"] = items[i][0].get("grade_timeouts", 0) + 1
-        for (r, b, _), ok in zip(items, grades):
-            r["correct_forced_at_budget"][b] = bool(ok)
+    for r, b, ok in _grade_jobs(jobs, timeout):
+        r["correct_forced_at_budget"][b] = ok
 
 
 # ----------------------------------------------------------------------------- summary

@@ -97,6 +97,7 @@ def test_sweep_tiny(tiny_dir, tmp_path):
     out = tmp_path / "sweep"
     assert main(["sweep", "--out", str(out), "--model.name", str(tiny_dir), "--model.device", "cpu",
                  "--data.limit", "2", "--val_limit", "2", "--taus", "0,2", "--gammas", "0,0.5",
+                 "--default_tau", "2", "--default_gamma", "0",
                  "--synth.max_new_tokens", "6", "--synth.samples_per_problem", "1",
                  "--train.epochs", "1", "--train.batch_size", "2", "--train.micro_batch_size", "1",
                  "--train.report_to", "none", "--train.max_length", "4096",
@@ -107,3 +108,32 @@ def test_sweep_tiny(tiny_dir, tmp_path):
     assert result["synthesis"]["0"]["student_token_fraction"] == 1.0
     assert result["synthesis"]["2"]["student_token_fraction"] == 0.0
     assert (out / "sweep_heatmap.png").exists() and (out / "sweep_tau.png").exists()
+    assert result["default"] == {"tau": 2.0, "gamma": 0.0} and result["chosen"]["why"]
+    assert "**Chosen: tau" in (out / "report.md").read_text()
+
+
+def test_sweep_choice_keeps_the_default_unless_validation_separates():
+    from dail.sweep import choose_cell
+    default = (0.3, 0.1)
+    # A tie everywhere (the floor): the default stays, and says why.
+    tie = choose_cell({(0.3, 0.1): [0] * 10, (0.6, 0.0): [0] * 10}, n=4, k=4, default=default)
+    assert (tie["tau"], tie["gamma"]) == default and "default" in tie["why"]
+    # One extra solved problem of 10 is inside the noise: the best cell is named, the default kept.
+    noisy = choose_cell({(0.3, 0.1): [0] * 10, (0.6, 0.0): [1] + [0] * 9}, n=4, k=4, default=default)
+    assert (noisy["tau"], noisy["gamma"]) == default and noisy["best"] == {"tau": 0.6, "gamma": 0.0}
+    assert noisy["difference_to_default"]["mean"] == pytest.approx(0.1)
+    assert noisy["difference_to_default"]["ci_low"] <= 0
+    # Every problem solved against none: the CI is [1, 1] and the best cell is chosen.
+    clear = choose_cell({(0.3, 0.1): [0] * 10, (0.6, 0.0): [4] * 10}, n=4, k=4, default=default)
+    assert (clear["tau"], clear["gamma"]) == (0.6, 0.0)
+    assert clear["difference_to_default"] == {"mean": 1.0, "ci_low": 1.0, "ci_high": 1.0}
+    with pytest.raises(ValueError, match="default cell"):
+        choose_cell({(0.6, 0.0): [0]}, n=4, k=4, default=default)
+
+
+def test_sweep_config_needs_its_default_in_the_grid():
+    from dail.config import SweepConfig
+    with pytest.raises(ConfigError, match="default_tau"):
+        build(SweepConfig, None, {"taus": "0.6,0.9"})
+    with pytest.raises(ConfigError, match="default_gamma"):
+        build(SweepConfig, None, {"gammas": "0,0.3"})

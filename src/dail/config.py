@@ -250,13 +250,13 @@ class TrainConfig:
                       "the objective well inside the bounded region (gamma < 1).", resume=True)
     neg_cap: float = _f(0.0, "Per-token cap on KL(student||NR) after the vocabulary sum (0 = no cap). "
                         "Required for gamma >= 1.", resume=True)
-    lora_r: int = _f(16, "LoRA rank. Common practice for small models.", resume=True)
-    lora_alpha: int = _f(32, "LoRA alpha (2 x rank, common practice).", resume=True)
+    lora_r: int = _f(32, "LoRA rank. The authors' code.", resume=True)
+    lora_alpha: int = _f(32, "LoRA alpha. The authors' code (alpha = rank).", resume=True)
     lora_dropout: float = _f(0.0, "LoRA dropout.", resume=True)
     target_modules: list = _f(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                "down_proj"], "Modules that get LoRA (all linear layers, common practice).", resume=True)
     lr: float = _f(2e-4, "Peak learning rate. Common LoRA practice (1e-4 to 3e-4).")
-    scheduler: str = _f("cosine", "cosine | linear (to 0 at the last step; the authors' code) | constant, all "
+    scheduler: str = _f("linear", "linear (to 0 at the last step; the authors' code) | cosine | constant, all "
                         "after linear warmup.")
     warmup_steps: int = _f(2, "Linear warmup optimizer steps.")
     epochs: int = _f(3, "Passes over the training set.")
@@ -264,7 +264,11 @@ class TrainConfig:
     batch_size: int = _f(8, "Sequences per optimizer step (summed over micro-batches and processes).", resume=True)
     micro_batch_size: int = _f(2, "Sequences per forward pass.")
     max_grad_norm: float = _f(1.0, "Gradient clipping.")
-    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    weight_decay: float = _f(0.01, "AdamW weight decay. The authors' code.")
+    precision: str = _f("auto", "auto | fp32 | bf16: the training step's precision. auto is bf16 autocast on a GPU "
+                        "that supports it, fp32 elsewhere. bf16 on a CPU runs under bf16 autocast where oneDNN has "
+                        "bf16 kernels (AVX512-BF16 or AMX): 1.7x faster steps on our AVX512-BF16 CPU, with "
+                        "contrastive losses within 4% of fp32 (benchmarks/RESULTS.md).")
     chunk_size: int = _f(256, "Sequence chunk for the loss: logits are built from hidden states this many "
                          "positions at a time, so memory does not grow with 3 x T x V.")
     max_length: int = _f(2048, "Skip examples whose longest role context + trajectory exceeds this.", resume=True)
@@ -313,6 +317,7 @@ class TrainConfig:
         _check(self.lora_alpha > 0, "lora_alpha", "must be > 0")
         _check(0 <= self.lora_dropout < 1, "lora_dropout", "must be in [0, 1)")
         _check(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        _check(self.precision in ("auto", "fp32", "bf16"), "precision", "expected auto|fp32|bf16")
         _check(bool(self.target_modules) and all(isinstance(m, str) and m for m in self.target_modules),
                "target_modules", f"expected a non-empty list of module names, got {self.target_modules!r}")
         _check(self.lr > 0, "lr", "must be > 0")
@@ -454,8 +459,8 @@ class GRPOConfig:
                                 "must be a multiple of N, so that each process holds whole groups.", resume=True)
     micro_batch_size: int = _f(8, "Completions per forward/backward pass on each process (TRL's "
                                "per_device_train_batch_size default).")
-    lora_r: int = _f(16, "LoRA rank. Common practice for small models.", resume=True)
-    lora_alpha: int = _f(32, "LoRA alpha (2 x rank, common practice).", resume=True)
+    lora_r: int = _f(32, "LoRA rank. The authors' code.", resume=True)
+    lora_alpha: int = _f(32, "LoRA alpha. The authors' code (alpha = rank).", resume=True)
     lora_dropout: float = _f(0.0, "LoRA dropout.", resume=True)
     target_modules: list = _f(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                "down_proj"], "Modules that get LoRA (all linear layers, common practice).", resume=True)
@@ -611,6 +616,9 @@ class SweepConfig:
     val_limit: int = _f(16, "Validation problems (0 = all of the validation side).")
     taus: list = _f([0.1, 0.3, 0.6], "Synthesis thresholds to try (the paper does not scan tau).")
     gammas: list = _f([0.0, 0.1, 0.3], "Negative-reference weights to try (the paper does not scan gamma).")
+    default_tau: float = _f(0.3, "The tau kept unless another cell beats (default_tau, default_gamma) on "
+                            "validation with a paired 95% CI above 0. Must be one of taus.")
+    default_gamma: float = _f(0.1, "The gamma kept under the same rule. Must be one of gammas.")
     prompts: str = _f("", _PROMPTS_HELP + " Set for every stage.")
     synth: SynthConfig = _sub(SynthConfig, "Synthesis settings (tau is swept).",
                               run_sets=("model", "data", "out", "tau", "prompts"))
@@ -628,6 +636,9 @@ class SweepConfig:
         _check(self.data.val_fraction > 0, "data.val_fraction", "the sweep scores on the validation split: "
                "set data.val_fraction > 0")
         _check(self.val_limit >= 0, "val_limit", "must be >= 0 (0 = all)")
+        _check(self.default_tau in self.taus, "default_tau", f"{self.default_tau} is not one of taus {self.taus}")
+        _check(self.default_gamma in self.gammas, "default_gamma",
+               f"{self.default_gamma} is not one of gammas {self.gammas}")
 
 
 # ----------------------------------------------------------------------------- building configs

@@ -42,6 +42,8 @@ import time
 from pathlib import Path
 
 VARIANTS = ("nll", "contrastive", "ref-cache", "naive", "refs-only")
+# Any variant may carry "@bf16": that variant's steps run under bf16 autocast, the others in the
+# run's precision, so "nll,nll@bf16" times both precisions side by side on the same weights.
 
 # Realistic shapes, random weights (the tokenizer is the embedded model's: its ids fit every vocabulary).
 SHAPES = {
@@ -142,8 +144,9 @@ def run(batch: int, traj: int, rounds: int, variants: list[str], bf16: bool = Fa
         return logits.gather(1, pos[..., None].expand(-1, -1, logits.shape[-1]))
 
     def step(variant: str) -> float:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            return _step(variant)
+        name, _, precision = variant.partition("@")
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16 or precision == "bf16"):
+            return _step(name)
 
     def _step(variant: str) -> float:
         if variant == "naive":
@@ -214,11 +217,11 @@ def main() -> None:
                     "batch / 2: dail synth's 2 samples per problem, kept together by group_by_problem)")
     ap.add_argument("--traj", type=int, default=128, help="trajectory tokens per sequence")
     ap.add_argument("--rounds", type=int, default=3, help="measured rounds (after one warm-up round)")
-    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated; a variant with "
+                    "'@bf16' (nll@bf16) runs under bf16 autocast, next to the fp32 ones")
     ap.add_argument("--shape", default="embedded", choices=["embedded", *SHAPES],
                     help="the embedded model, or a Qwen2.5 shape with random weights")
-    ap.add_argument("--bf16", action="store_true", help="bf16 autocast (as training uses where the CPU "
-                    "has AMX or the GPU supports it)")
+    ap.add_argument("--bf16", action="store_true", help="bf16 autocast for every variant (train.precision bf16)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 keeps CPU-time ratios steady "
                     "on a shared machine)")
     args = ap.parse_args()
@@ -246,6 +249,12 @@ def main() -> None:
         mr = f"{r['peak_mib'] / ref['peak_mib']:.2f}" if ref else "-"
         print(f"{v:<12} {r['cpu_s']:>7.2f} {cr:>6} {r['step_s']:>7.2f} {tr:>6} {r['peak_mib']:>9.0f} {mr:>6}  "
               + " ".join(f"{t:.2f}" for t in r["step_s_all"]))
+    for v, r in res.items():
+        base = res.get(v.partition("@")[0])
+        if v.endswith("@bf16") and base is not None:
+            print(f"{v}: cpu time x {r['cpu_s'] / base['cpu_s']:.2f} of fp32 ({base['cpu_s'] / r['cpu_s']:.2f}x faster); "
+                  f"loss {r['loss']:.5f} vs {base['loss']:.5f} (relative difference "
+                  f"{abs(r['loss'] - base['loss']) / abs(base['loss']):.1e}; the weights move by lr 1e-6 between steps)")
     if ref and "refs-only" in res:
         floor = (ref["cpu_s"] + res["refs-only"]["cpu_s"]) / ref["cpu_s"]
         print(f"lower bound for live contrastive (nll step + refs-only) / nll: {floor:.2f} (cpu time)")

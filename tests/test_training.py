@@ -545,3 +545,30 @@ def test_resume_never_unpickles_objects(tiny_dir, synth, tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="state.pt: holds objects other than tensors and plain data"):
         train(_cfg(tiny_dir, synth, out, loss="nll", max_steps=2, resume=True))
     assert not (tmp_path / "pwned").exists()
+
+
+def test_precision_bf16_runs_under_autocast_near_fp32_and_refuses_where_unsupported(tiny_dir, synth, tmp_path,
+                                                                                    monkeypatch):
+    from dail import training
+    from dail.config import ConfigError
+
+    from accelerate.state import AcceleratorState
+
+    def first_loss(precision: str, name: str) -> float:
+        # accelerate keeps one mixed-precision setting per process; a run changes it only afresh.
+        AcceleratorState._reset_state(reset_partial_state=True)
+        training.train(_cfg(tiny_dir, synth, tmp_path / name, precision=precision, max_steps=1))
+        AcceleratorState._reset_state(reset_partial_state=True)
+        return json.loads((tmp_path / name / "metrics.jsonl").read_text().splitlines()[0])["loss"]
+
+    # On a CPU, auto is fp32: the same step, bit for bit.
+    assert first_loss("auto", "auto") == first_loss("fp32", "fp32")
+    if training.native_bf16(cpu=True):
+        bf16 = first_loss("bf16", "bf16")
+        fp32 = first_loss("fp32", "fp32-again")
+        assert bf16 != fp32, (bf16, fp32)  # the step really ran in bf16 ...
+        assert bf16 == pytest.approx(fp32, rel=0.05)  # ... and stays near fp32
+    monkeypatch.setattr(training, "native_bf16", lambda cpu: False)
+    with pytest.raises(ConfigError, match="precision.*no bf16 kernels"):
+        training.train(_cfg(tiny_dir, synth, tmp_path / "refused", precision="bf16", max_steps=1))
+    assert not (tmp_path / "refused" / "adapter").exists()

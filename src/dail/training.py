@@ -213,11 +213,26 @@ def batch_loss(model: Any, batch: Batch, cfg: TrainConfig, refs: tuple[torch.Ten
 
 # ----------------------------------------------------------------------------- the loop
 
+def native_bf16(cpu: bool) -> bool:
+    """Whether the device computes in bf16 natively: oneDNN's bf16 kernels on a CPU, or the GPU's."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()) if cpu else torch.cuda.is_bf16_supported()
+
+
+def use_bf16(precision: str, cpu: bool) -> bool:
+    """Whether the training step runs under bf16 autocast (`train.precision`)."""
+    if precision == "fp32":
+        return False
+    native = native_bf16(cpu)
+    if precision == "bf16" and not native:
+        why = "CPU has no bf16 kernels (oneDNN needs AVX512-BF16 or AMX)" if cpu else "GPU does not support bf16"
+        raise ConfigError(f"config field 'precision': bf16, but this {why}; use fp32")
+    return precision == "bf16" or (not cpu and native)  # auto: a GPU's bf16, never a CPU's
+
+
 def train(cfg: TrainConfig) -> Path:
     """Train the LoRA student; returns the adapter folder `<out>/adapter`."""
     cpu = cfg.model.device == "cpu" or not torch.cuda.is_available()
-    bf16 = not cpu and torch.cuda.is_bf16_supported()
-    accelerator = Accelerator(cpu=cpu, mixed_precision="bf16" if bf16 else "no")
+    accelerator = Accelerator(cpu=cpu, mixed_precision="bf16" if use_bf16(cfg.precision, cpu) else "no")
     with output_lock(train_files(cfg.out)["lock"], f"{cfg.out}: training", accelerator.process_index):
         return _train(cfg, accelerator)
 

@@ -753,18 +753,20 @@ def to_dict(cfg: Any) -> dict:
     return with_hash
 
 
-def load_yaml(path: str | Path) -> dict:
+def load_yaml(path: str | Path, what: str = "config file", mapping: str = "at the top level") -> dict:
+    """The mapping in YAML file `path` ({} for an empty file). Errors name the file and say
+    what it should have been: `what` (a config file, a prompt file) and `mapping` (what kind)."""
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
+        raise ConfigError(f"{path}: {what} not found") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+        raise ConfigError(f"{path}: expected a mapping {mapping}, got {type(data).__name__}")
     return data
 
 

@@ -75,9 +75,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from dail.config import ConfigError
+from dail.config import ConfigError, load_yaml
 
 # ----------------------------------------------------------------------------- prompt files
 
@@ -121,15 +119,7 @@ def texts_hash(texts: dict) -> str:
 def _read_prompt_file(path: Path, built_in: bool) -> dict:
     """A prompt file's mapping, checked: known keys only, a version, each text a string with the
     placeholders its role needs and none it must not see. Errors name the file and the key."""
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: prompt file not found") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of prompt texts (version, {', '.join(TEXTS)}), "
-                          f"got {type(data).__name__}")
+    data = load_yaml(path, "prompt file", f"of prompt texts (version, {', '.join(TEXTS)})")
     for key, value in data.items():
         if key != "version" and key not in TEXTS:
             raise ConfigError(f"{path}: unknown key {key!r} (expected version, {', '.join(TEXTS)})")

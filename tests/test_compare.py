@@ -117,7 +117,7 @@ def test_sweep_choice_keeps_the_default_unless_validation_separates():
     default = (0.3, 0.1)
     # A tie everywhere (the floor): the default stays, and says why.
     tie = choose_cell({(0.3, 0.1): [0] * 10, (0.6, 0.0): [0] * 10}, n=4, k=4, default=default)
-    assert (tie["tau"], tie["gamma"]) == default and "default" in tie["why"]
+    assert (tie["tau"], tie["gamma"]) == default and tie["why"].startswith("1 of the other 1 cells tie")
     # One extra solved problem of 10 is inside the noise: the best cell is named, the default kept.
     noisy = choose_cell({(0.3, 0.1): [0] * 10, (0.6, 0.0): [1] + [0] * 9}, n=4, k=4, default=default)
     assert (noisy["tau"], noisy["gamma"]) == default and noisy["best"] == {"tau": 0.6, "gamma": 0.0}
@@ -127,6 +127,8 @@ def test_sweep_choice_keeps_the_default_unless_validation_separates():
     clear = choose_cell({(0.3, 0.1): [0] * 10, (0.6, 0.0): [4] * 10}, n=4, k=4, default=default)
     assert (clear["tau"], clear["gamma"]) == (0.6, 0.0)
     assert clear["difference_to_default"] == {"mean": 1.0, "ci_low": 1.0, "ci_high": 1.0}
+    alone = choose_cell({(0.3, 0.1): [4] * 10, (0.6, 0.0): [0] * 10}, n=4, k=4, default=default)
+    assert (alone["tau"], alone["gamma"]) == default and alone["why"].startswith("the default cell has the highest")
     with pytest.raises(ValueError, match="default cell"):
         choose_cell({(0.6, 0.0): [0]}, n=4, k=4, default=default)
 

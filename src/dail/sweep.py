@@ -102,8 +102,12 @@ def choose_cell(counts: dict[tuple[float, float], list[int]], n: int, k: int,
     best = max(passk, key=lambda cell: (passk[cell].mean(), cell == default))
     diff = paired_difference(passk[best], passk[default], resample_indices(len(passk[default])))
     chosen = best if best != default and diff["ci_low"] > 0 else default
-    if best == default:
-        why = f"the default cell has the highest validation pass@{k} (ties go to the default)"
+    tied = sum(passk[cell].mean() == passk[default].mean() for cell in passk if cell != default)
+    if best == default and tied:
+        why = (f"{tied} of the other {len(passk) - 1} cells tie with the default at validation pass@{k} "
+               f"{passk[default].mean():.3f}: validation does not separate them, so the default stays")
+    elif best == default:
+        why = f"the default cell has the highest validation pass@{k}"
     elif chosen == best:
         why = (f"tau {_tag(best[0])}, gamma {_tag(best[1])} beats the default by {diff['mean']:+.3f} "
                f"[{diff['ci_low']:+.3f}, {diff['ci_high']:+.3f}] (paired 95% CI above 0)")
@@ -193,7 +197,7 @@ def write_sweep_report(cfg: SweepConfig) -> Path:
         md.append(f"| {_tag(gamma)} | " + " | ".join(
             "–" if np.isnan(v) else f"{v:.3f} ({int(c)})" for v, c in zip(grid[i], correct[i])) + " |")
     md += ["", "| tau | teacher-token share | trajectories correct | kept |", "|---|---|---|---|"]
-    md += [f"| {t} | {1 - (st['student_token_fraction'] or 0):.3f} | {st['correct_fraction']} | {st['kept']} |"
+    md += [f"| {t} | {1 - (st['student_token_fraction'] or 0):.3f} | {st['correct_fraction'] or 0:.3f} | {st['kept']} |"
            for t, st in result["synthesis"].items()]
     md += ["", "![sweep_heatmap](sweep_heatmap.png)", "", "![sweep_tau](sweep_tau.png)", ""]
     (out / "report.md").write_text("\n".join(md), encoding="utf-8")

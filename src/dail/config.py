@@ -53,6 +53,17 @@ def _check(cond: bool, name: str, msg: str) -> None:
         raise ConfigError(f"config field '{name}': {msg}")
 
 
+# The LoRA adapter, the same for `dail train` and `dail grpo` (defaults from the authors' code).
+LORA_R, LORA_ALPHA = 32, 32
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _check_lora(cfg: Any) -> None:
+    _check(cfg.lora_r > 0, "lora_r", "must be > 0")
+    _check(cfg.lora_alpha > 0, "lora_alpha", "must be > 0")
+    _check(0 <= cfg.lora_dropout < 1, "lora_dropout", "must be in [0, 1)")
+
+
 # The prompt file. Every stage that renders a context has a `prompts` field (a path; "" = dail's
 # built-in texts, src/dail/prompts.yaml). What outputs depend on is the texts, not the path: the
 # saved config.yaml carries `prompt_hash` (the short sha256 of the resolved texts) next to
@@ -250,11 +261,11 @@ class TrainConfig:
                       "the objective well inside the bounded region (gamma < 1).", resume=True)
     neg_cap: float = _f(0.0, "Per-token cap on KL(student||NR) after the vocabulary sum (0 = no cap). "
                         "Required for gamma >= 1.", resume=True)
-    lora_r: int = _f(32, "LoRA rank. The authors' code.", resume=True)
-    lora_alpha: int = _f(32, "LoRA alpha. The authors' code (alpha = rank).", resume=True)
+    lora_r: int = _f(LORA_R, "LoRA rank. The authors' code.", resume=True)
+    lora_alpha: int = _f(LORA_ALPHA, "LoRA alpha. The authors' code (alpha = rank).", resume=True)
     lora_dropout: float = _f(0.0, "LoRA dropout.", resume=True)
-    target_modules: list = _f(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                               "down_proj"], "Modules that get LoRA (all linear layers, common practice).", resume=True)
+    target_modules: list = _f(LORA_TARGETS, "Modules that get LoRA (all linear layers, common practice).",
+                              resume=True)
     lr: float = _f(2e-4, "Peak learning rate. Common LoRA practice (1e-4 to 3e-4).")
     scheduler: str = _f("linear", "linear (to 0 at the last step; the authors' code) | cosine | constant, all "
                         "after linear warmup.")
@@ -313,9 +324,7 @@ class TrainConfig:
                 "below (the student drives p(v) to 0 wherever gamma p_NR(v) > p_T(v)). Set neg_cap > 0, or "
                 "gamma 0.")
         _check(self.scheduler in ("cosine", "linear", "constant"), "scheduler", "expected cosine|linear|constant")
-        _check(self.lora_r > 0, "lora_r", "must be > 0")
-        _check(self.lora_alpha > 0, "lora_alpha", "must be > 0")
-        _check(0 <= self.lora_dropout < 1, "lora_dropout", "must be in [0, 1)")
+        _check_lora(self)
         _check(self.weight_decay >= 0, "weight_decay", "must be >= 0")
         _check(self.precision in ("auto", "fp32", "bf16"), "precision", "expected auto|fp32|bf16")
         _check(bool(self.target_modules) and all(isinstance(m, str) and m for m in self.target_modules),
@@ -459,11 +468,11 @@ class GRPOConfig:
                                 "must be a multiple of N, so that each process holds whole groups.", resume=True)
     micro_batch_size: int = _f(8, "Completions per forward/backward pass on each process (TRL's "
                                "per_device_train_batch_size default).")
-    lora_r: int = _f(32, "LoRA rank. The authors' code.", resume=True)
-    lora_alpha: int = _f(32, "LoRA alpha. The authors' code (alpha = rank).", resume=True)
+    lora_r: int = _f(LORA_R, "LoRA rank. The authors' code.", resume=True)
+    lora_alpha: int = _f(LORA_ALPHA, "LoRA alpha. The authors' code (alpha = rank).", resume=True)
     lora_dropout: float = _f(0.0, "LoRA dropout.", resume=True)
-    target_modules: list = _f(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                               "down_proj"], "Modules that get LoRA (all linear layers, common practice).", resume=True)
+    target_modules: list = _f(LORA_TARGETS, "Modules that get LoRA (all linear layers, common practice).",
+                              resume=True)
     seed: int = _f(0, "Seed for LoRA init, problem order and rollouts (each rollout has its own generator).",
                    resume=True)
     grade_timeout: float = _f(5.0, "Seconds per math-verify call before the completion scores 0 (as in dail eval).")
@@ -499,9 +508,7 @@ class GRPOConfig:
         _check(self.micro_batch_size > 0, "micro_batch_size", "must be > 0")
         _check((self.problems_per_step * self.num_generations) % self.micro_batch_size == 0, "micro_batch_size",
                f"must divide problems_per_step x num_generations ({self.problems_per_step * self.num_generations})")
-        _check(self.lora_r > 0, "lora_r", "must be > 0")
-        _check(self.lora_alpha > 0, "lora_alpha", "must be > 0")
-        _check(0 <= self.lora_dropout < 1, "lora_dropout", "must be in [0, 1)")
+        _check_lora(self)
         _check(bool(self.target_modules) and all(isinstance(m, str) and m for m in self.target_modules),
                "target_modules", f"expected a non-empty list of module names, got {self.target_modules!r}")
         _check(self.grade_timeout > 0, "grade_timeout", "must be > 0")

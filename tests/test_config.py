@@ -156,6 +156,60 @@ def test_check_resumable_names_the_changed_field(tmp_path):
         check_resumable(tmp_path / "config.yaml", build(SynthConfig, None, {"data.seed": 2}), "x")
 
 
+def test_engine_is_checked_and_defaults_to_hf():
+    from dail.config import ENGINES, ModelConfig
+
+    assert ModelConfig().engine == "hf" and ENGINES == ("hf",)
+    with pytest.raises(ConfigError, match=r"^config field 'model.engine': expected hf, got 'x'$"):
+        ModelConfig(engine="x")
+    with pytest.raises(ConfigError, match=r"config field 'model.engine': expected hf, got 'vllm'"):
+        build(SynthConfig, None, {"model.engine": "vllm"})
+
+
+def test_a_run_saved_before_the_engine_field_still_resumes(tmp_path):
+    import yaml
+
+    from dail.config import EvalConfig, check_resumable, resume_keys, save
+
+    def saved_with(cls, engine):  # engine None: a config.yaml written before the field existed
+        path = tmp_path / "config.yaml"
+        save(cls(), path)
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data["model"].pop("engine")
+        if engine is not None:
+            data["model"]["engine"] = engine
+        path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+        return path
+
+    for cls in (SynthConfig, EvalConfig, TrainConfig):
+        check_resumable(saved_with(cls, None), cls(), "x")
+    # Another engine (a future one) samples differently: a sampling stage refuses to mix the two.
+    with pytest.raises(ConfigError, match="different 'model.engine'"):
+        check_resumable(saved_with(SynthConfig, "other"), SynthConfig(), "x")
+    # Training samples nothing, so the engine is no resume key there.
+    check_resumable(saved_with(TrainConfig, "other"), TrainConfig(), "x")
+    assert "model.engine" not in resume_keys(TrainConfig) and "model.name" in resume_keys(TrainConfig)
+
+
+def test_sampling_fields_are_checked_alike_in_every_stage():
+    from dail.config import EvalConfig, GRPOConfig
+
+    for cls in (SynthConfig, EvalConfig, GRPOConfig):
+        with pytest.raises(ConfigError, match=r"'top_p': must be in \(0, 1\]"):
+            cls(top_p=0.0)
+        with pytest.raises(ConfigError, match="'max_new_tokens': must be > 0"):
+            cls(max_new_tokens=0)
+    for cls in (SynthConfig, EvalConfig):
+        assert cls(temperature=0.0).temperature == 0.0  # greedy
+        with pytest.raises(ConfigError, match="'temperature': must be >= 0"):
+            cls(temperature=-0.1)
+        for name in ("presence_penalty", "frequency_penalty"):
+            with pytest.raises(ConfigError, match=rf"'{name}': must be in \[0, 2\] \(OpenAI's range"):
+                cls(**{name: 2.5})
+    with pytest.raises(ConfigError, match=r"'temperature': must be > 0 \(GRPO needs sampled, varied groups\)"):
+        GRPOConfig(temperature=0.0)
+
+
 def _numeric_fields():
     from dail.config import CompareConfig, EvalConfig, GRPOConfig, SweepConfig, flag_names
 

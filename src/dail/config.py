@@ -20,7 +20,9 @@ from typing import Any
 
 import yaml
 
+from dail.errors import ConfigError, load_yaml  # they live in dail.errors; importable from here too
 from dail.landmarks import check_kind as check_landmark_kind
+from dail.prompts import TEACHER_CONTEXTS, THINKING_SETTINGS, load_prompts
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -38,10 +40,6 @@ def _sub(factory: Any, help: str, **kw: Any) -> Any:
     """A nested config field. `resume=True` marks all its leaves as resume keys, except the
     names in `resume_except` (e.g. a data `limit` that may grow between reruns)."""
     return field(default_factory=factory, metadata={"help": help, **kw})
-
-
-class ConfigError(ValueError):
-    """A config value is out of range or of the wrong type; the message names the field."""
 
 
 def _is_int(x: Any) -> bool:
@@ -64,6 +62,21 @@ def _check_lora(cfg: Any) -> None:
     _check(0 <= cfg.lora_dropout < 1, "lora_dropout", "must be in [0, 1)")
 
 
+def _check_sampling(cfg: Any, greedy: bool = True, penalties: bool = True) -> None:
+    """The sampling fields of synth, eval and grpo, checked in one place. GRPO passes
+    `greedy=False` (temperature 0 makes every completion of a group the same) and
+    `penalties=False` (it has no penalty fields)."""
+    if greedy:
+        _check(cfg.temperature >= 0, "temperature", "must be >= 0")
+    else:
+        _check(cfg.temperature > 0, "temperature", "must be > 0 (GRPO needs sampled, varied groups)")
+    _check(0 < cfg.top_p <= 1, "top_p", "must be in (0, 1]")
+    _check(cfg.max_new_tokens > 0, "max_new_tokens", "must be > 0")
+    if penalties:
+        for name in ("presence_penalty", "frequency_penalty"):
+            _check(0 <= getattr(cfg, name) <= 2, name, "must be in [0, 2] (OpenAI's range, non-negative)")
+
+
 # The prompt file. Every stage that renders a context has a `prompts` field (a path; "" = dail's
 # built-in texts, src/dail/prompts.yaml). What outputs depend on is the texts, not the path: the
 # saved config.yaml carries `prompt_hash` (the short sha256 of the resolved texts) next to
@@ -78,12 +91,17 @@ _PROMPTS_HELP = ("Prompt file (YAML, README 'Prompts'): replaces any of dail's b
 def _prompt_hash(path: str) -> str:
     """The short sha256 of the resolved texts of prompt file `path` ('' = built in); a bad file
     raises ConfigError naming the field, the file and the key."""
-    from dail.prompts import load_prompts  # dail.prompts imports this module
-
     try:
         return load_prompts(path).hash
     except ConfigError as e:
         raise ConfigError(f"config field 'prompts': {e}") from None
+
+
+# Sampling engines. `model.engine` is a resume key of the stages that sample (a rerun never mixes
+# engines in one file), not of training, which samples nothing. A config.yaml saved before the
+# field has no `model.engine`, and check_resumable skips a key the saved file lacks, so those
+# runs (all hf) still resume.
+ENGINES = ("hf",)
 
 
 @dataclass
@@ -99,10 +117,13 @@ class ModelConfig:
                        "enable_thinking and the <think>/</think> tags; every role and stage uses it. On: contexts "
                        "open the block, synthesis writes inside it (the closing tag is forbidden), evaluation "
                        "forces an answer at each budget (eval.force_answer).")
+    engine: str = _f("hf", "Sampling engine of every stage that samples: hf (dail's own decoding loop on the "
+                     "transformers model, dail.decoding). Training always runs on transformers.")
 
     def __post_init__(self) -> None:
-        _check(self.thinking in ("auto", "on", "off"), "model.thinking",
-               f"expected auto|on|off, got {self.thinking!r}")
+        _check(self.thinking in THINKING_SETTINGS, "model.thinking",
+               f"expected {'|'.join(THINKING_SETTINGS)}, got {self.thinking!r}")
+        _check(self.engine in ENGINES, "model.engine", f"expected {'|'.join(ENGINES)}, got {self.engine!r}")
         _check(self.dtype in ("auto", "float32", "bfloat16", "float16"), "model.dtype",
                f"expected auto|float32|bfloat16|float16, got {self.dtype!r}")
         _check(re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device) is not None, "model.device",
@@ -211,18 +232,13 @@ class SynthConfig:
 
     def __post_init__(self) -> None:
         _check(self.mode in ("mixed", "direct", "star"), "mode", f"expected mixed|direct|star, got {self.mode!r}")
-        _check(self.teacher_context in ("solution", "answer_only"), "teacher_context",
-               f"expected solution|answer_only, got {self.teacher_context!r}")
+        _check(self.teacher_context in TEACHER_CONTEXTS, "teacher_context",
+               f"expected {'|'.join(TEACHER_CONTEXTS)}, got {self.teacher_context!r}")
         _check(self.teacher_context == "solution" or self.mode == "mixed", "teacher_context",
                f"answer_only is a mixed-mode teacher; mode {self.mode} has no such teacher (use solution)")
         _prompt_hash(self.prompts)
-        _check(0 <= self.presence_penalty <= 2, "presence_penalty", "must be in [0, 2] (OpenAI's range, non-negative)")
-        _check(0 <= self.frequency_penalty <= 2, "frequency_penalty",
-               "must be in [0, 2] (OpenAI's range, non-negative)")
+        _check_sampling(self)
         _check(self.tau >= 0, "tau", "must be >= 0")
-        _check(self.temperature >= 0, "temperature", "must be >= 0")
-        _check(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
-        _check(self.max_new_tokens > 0, "max_new_tokens", "must be > 0")
         _check(self.samples_per_problem > 0, "samples_per_problem", "must be > 0")
         _check(self.mode != "star" or self.samples_per_problem <= self.STAR_RATIONALIZED_FROM,
                "samples_per_problem", f"must be <= {self.STAR_RATIONALIZED_FROM} in star mode (sample indices "
@@ -244,7 +260,7 @@ class SynthConfig:
 
 @dataclass
 class TrainConfig:
-    model: ModelConfig = _sub(ModelConfig, "Base model.", resume=True)
+    model: ModelConfig = _sub(ModelConfig, "Base model.", resume=True, resume_except=("engine",))
     data: str = _f("runs/synth/synthetic.jsonl", "Synthetic-set JSONL that every loss but sft trains on.",
                    resume=True)
     expert: DataConfig = _sub(DataConfig, "Expert problems that loss sft trains on (the raw expert "
@@ -387,9 +403,7 @@ class EvalConfig:
     def __post_init__(self) -> None:
         _prompt_hash(self.prompts)
         _check(self.n > 0, "n", "must be > 0")
-        _check(0 <= self.presence_penalty <= 2, "presence_penalty", "must be in [0, 2] (OpenAI's range, non-negative)")
-        _check(0 <= self.frequency_penalty <= 2, "frequency_penalty",
-               "must be in [0, 2] (OpenAI's range, non-negative)")
+        _check_sampling(self)
         _check(self.force_tokens > 0, "force_tokens", "must be > 0")
         _check(not (self.samples and self.export_prompts), "export_prompts",
                "exports prompts for another engine; with samples set there is nothing to export")
@@ -401,9 +415,6 @@ class EvalConfig:
         _check(all(_is_int(b) for b in self.budgets), "budgets", f"expected a list of integers, got {self.budgets!r}")
         _check(self.batch_size > 0, "batch_size", "must be > 0")
         _check(self.grade_timeout > 0, "grade_timeout", "must be > 0")
-        _check(self.temperature >= 0, "temperature", "must be >= 0")
-        _check(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
-        _check(self.max_new_tokens > 0, "max_new_tokens", "must be > 0")
         _check(all(0 < b <= self.max_new_tokens for b in self.budgets), "budgets",
                f"each budget must be in 1..max_new_tokens ({self.max_new_tokens})")
 
@@ -501,9 +512,7 @@ class GRPOConfig:
         _check(self.lr > 0, "lr", "must be > 0")
         _check(self.epochs > 0, "epochs", "must be > 0")
         _check(self.max_steps >= 0, "max_steps", "must be >= 0 (0 = run all epochs)")
-        _check(self.max_new_tokens > 0, "max_new_tokens", "must be > 0")
-        _check(self.temperature > 0, "temperature", "must be > 0 (GRPO needs sampled, varied groups)")
-        _check(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
+        _check_sampling(self, greedy=False, penalties=False)
         _check(self.problems_per_step > 0, "problems_per_step", "must be > 0")
         _check(self.micro_batch_size > 0, "micro_batch_size", "must be > 0")
         _check((self.problems_per_step * self.num_generations) % self.micro_batch_size == 0, "micro_batch_size",
@@ -593,6 +602,8 @@ class CompareConfig:
     train: TrainConfig = _sub(TrainConfig, "Training settings shared by every trained method (loss is set per "
                               "method).", run_sets=("model", "data", "expert", "out", "loss", "seed", "resume",
                                                     "prompts"))
+    grpo: GRPOConfig = _sub(GRPOConfig, "Settings of the grpo and nurl methods (hints is set per method).",
+                            run_sets=("model", "data", "out", "seed", "hints", "resume", "prompts"))
     eval: EvalConfig = _sub(EvalConfig, "Evaluation settings shared by every method and split.",
                             run_sets=("model", "adapter", "data", "out", "samples", "export_prompts", "prompts"))
 
@@ -758,23 +769,6 @@ def to_dict(cfg: Any) -> dict:
         if k == "prompts":
             with_hash[PROMPT_HASH] = _prompt_hash(cfg.prompts)
     return with_hash
-
-
-def load_yaml(path: str | Path, what: str = "config file", mapping: str = "at the top level") -> dict:
-    """The mapping in YAML file `path` ({} for an empty file). Errors name the file and say
-    what it should have been: `what` (a config file, a prompt file) and `mapping` (what kind)."""
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: {what} not found") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping {mapping}, got {type(data).__name__}")
-    return data
 
 
 def set_dotted(data: dict, dotted: str, value: Any) -> None:

@@ -1,4 +1,4 @@
-"""Expert sets: loading, validation, built-in offline sources, and resumable JSONL output.
+"""Input problems: expert sets and benchmark files, loaded, validated and split.
 
 An expert set is a list of `Example(id, problem, solution, answer?, landmarks?, meta)`. It
 comes from one of:
@@ -22,6 +22,13 @@ that lists the columns found and the mapping to pass.
 An expert record without an answer is valid: a proof, or any problem nobody can grade.
 Synthesis keeps its trajectories ungraded; `dail eval` refuses a set with no answers at all.
 
+The built-in sources' train, val and test splits (`split_of`) are seeded shuffles of sorted
+ids (template ids for gsm-symbolic), so they do not depend on the input order.
+Problems to evaluate (`load_problems`) come from any expert-set source or from a local
+benchmark file (`load_benchmark`: JSONL, a JSON array, Parquet or CSV, in the column names of
+the usual AIME, IMO-AnswerBench and GPQA releases). What the stages write (synthetic sets,
+samples, metrics) is `dail.records`, not this module.
+
 Errors name the file, the line (or row) and the field, and say what was expected.
 """
 
@@ -40,13 +47,10 @@ from typing import Any, Iterable, Iterator
 
 from dail.answers import boxes
 from dail.config import DataConfig
+from dail.errors import DataError  # lives in dail.errors; importable from here too
 
 __all__ = ["Example", "DataError", "load_examples", "load_problems", "load_jsonl", "load_benchmark", "split_ids",
            "detect_layout", "LAYOUTS"]
-
-
-class DataError(ValueError):
-    """Bad input data. The message names the file, the line or row, and the field."""
 
 
 @dataclass

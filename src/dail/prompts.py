@@ -75,7 +75,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dail.config import ConfigError, load_yaml
+from dail.errors import ConfigError, load_yaml  # a leaf: dail.config imports this module
 
 # ----------------------------------------------------------------------------- prompt files
 
@@ -98,6 +98,7 @@ TEXTS: dict[str, tuple[tuple[str, ...], tuple[str, ...], str]] = {
 }
 
 TEACHER_CONTEXTS = ("solution", "answer_only")
+RECORD_CONTEXTS = TEACHER_CONTEXTS + ("direct",)  # what a synthetic record's teacher_context may say
 
 
 @dataclass(frozen=True)
@@ -221,12 +222,16 @@ def answer_only_messages(problem: str, answer: str, prompts: Prompts | None = No
 
 def teacher_context(kind: str, problem: str, solution: str, answer: str | None,
                     prompts: Prompts | None = None) -> list[dict]:
-    """The teacher's context for `synth.teacher_context` `kind` (solution | answer_only)."""
+    """The teacher's context of a synthetic record: `synth.teacher_context` `kind` (solution |
+    answer_only) for a mixed-mode record, or direct for a direct-mode one, whose trajectory the
+    model wrote alone under the `direct` text (tau = 1: one context writes and is the target)."""
+    if kind == "direct":
+        return direct_messages(problem, solution, answer, prompts)
     if kind == "answer_only":
         return answer_only_messages(problem, answer or "", prompts)
     if kind == "solution":
         return teacher_messages(problem, solution, answer, prompts)
-    raise ValueError(f"teacher context: expected {'|'.join(TEACHER_CONTEXTS)}, got {kind!r}")
+    raise ValueError(f"teacher context: expected {'|'.join(RECORD_CONTEXTS)}, got {kind!r}")
 
 
 def negative_messages(problem: str, landmarks: list[str], answer: str | None = None,

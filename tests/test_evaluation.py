@@ -15,6 +15,8 @@ from dail.config import DataConfig, EvalConfig, ModelConfig
 from dail.data import DataError, load_benchmark
 from dail.records import read_records
 from dail.evaluation import bootstrap_ci, evaluate, pass_at_k, summarize
+import dail.sampler as SM
+import dail.scoring as SC
 
 
 # ----------------------------------------------------------------------------- pass@k
@@ -116,7 +118,7 @@ def _by_key(path):
 
 
 def test_evaluate_writes_records_summary_and_config(tiny, tiny_dir, bench, tmp_path, monkeypatch):
-    monkeypatch.setattr(E, "grade_many", _fake_grade)
+    monkeypatch.setattr(SC, "grade_many", _fake_grade)
     model, tok = tiny
     summary = evaluate(_cfg(tiny_dir, bench, tmp_path / "ev"), model, tok, label="base")
     out = tmp_path / "ev"
@@ -147,7 +149,7 @@ def test_evaluate_writes_records_summary_and_config(tiny, tiny_dir, bench, tmp_p
 
 def test_budget_grades_equal_rerunning_with_smaller_max_new_tokens(tiny, tiny_dir, bench, tmp_path, monkeypatch):
     """Greedy: grading the first b tokens of one long run == a fresh run with max_new_tokens=b."""
-    monkeypatch.setattr(E, "grade_many", _fake_grade)
+    monkeypatch.setattr(SC, "grade_many", _fake_grade)
     model, tok = tiny
     long = _by_key(tmp_path / "long" / "samples.jsonl") if evaluate(
         _cfg(tiny_dir, bench, tmp_path / "long", temperature=0.0, n=1, ks=[1]), model, tok) else None
@@ -161,7 +163,7 @@ def test_budget_grades_equal_rerunning_with_smaller_max_new_tokens(tiny, tiny_di
 
 
 def test_resume_after_crash_with_torn_last_line(tiny, tiny_dir, bench, tmp_path, monkeypatch):
-    monkeypatch.setattr(E, "grade_many", _fake_grade)
+    monkeypatch.setattr(SC, "grade_many", _fake_grade)
     model, tok = tiny
     cfg = _cfg(tiny_dir, bench, tmp_path / "ev", batch_size=4)
     full = evaluate(cfg, model, tok)
@@ -172,8 +174,8 @@ def test_resume_after_crash_with_torn_last_line(tiny, tiny_dir, bench, tmp_path,
     (tmp_path / "ev" / "summary.json").unlink()
 
     calls = []
-    real = E.decode
-    monkeypatch.setattr(E, "decode", lambda m, prompts, **kw: calls.append(len(prompts)) or real(m, prompts, **kw))
+    real = SM.decode
+    monkeypatch.setattr(SM, "decode", lambda m, prompts, **kw: calls.append(len(prompts)) or real(m, prompts, **kw))
     with pytest.warns(UserWarning, match="torn last line"):
         again = evaluate(cfg, model, tok)
     assert sum(calls) == 12 - 5  # only the missing samples were drawn again
@@ -191,7 +193,7 @@ def test_resume_after_crash_with_torn_last_line(tiny, tiny_dir, bench, tmp_path,
 
 
 def test_resume_refuses_a_different_sampling_config(tiny, tiny_dir, bench, tmp_path, monkeypatch):
-    monkeypatch.setattr(E, "grade_many", _fake_grade)
+    monkeypatch.setattr(SC, "grade_many", _fake_grade)
     model, tok = tiny
     evaluate(_cfg(tiny_dir, bench, tmp_path / "ev", n=1, ks=[1]), model, tok)
     with pytest.raises(ValueError, match="different 'temperature'"):
@@ -202,7 +204,7 @@ def test_resume_refuses_a_different_sampling_config(tiny, tiny_dir, bench, tmp_p
 
 
 def test_sharded_equals_unsharded(tiny, tiny_dir, bench, tmp_path, monkeypatch):
-    monkeypatch.setattr(E, "grade_many", _fake_grade)
+    monkeypatch.setattr(SC, "grade_many", _fake_grade)
     model, tok = tiny
     one = evaluate(_cfg(tiny_dir, bench, tmp_path / "one"), model, tok)
     cfg = _cfg(tiny_dir, bench, tmp_path / "two")
@@ -224,9 +226,9 @@ def test_real_grader_and_answer_token_index(tiny, tiny_dir, bench, tmp_path, mon
     model, tok = tiny
     text = "3+4=7 so \\boxed{7}"
     ids = tok(text, add_special_tokens=False)["input_ids"]
-    from dail.decoding import Decoded
+    from dail.sampler import Decoded
 
-    monkeypatch.setattr(E, "decode", lambda m, prompts, **kw: [Decoded(list(ids), "length") for _ in prompts])
+    monkeypatch.setattr(SM, "decode", lambda m, prompts, **kw: [Decoded(list(ids), "length") for _ in prompts])
     s = evaluate(_cfg(tiny_dir, bench, tmp_path / "ev", n=1, ks=[1], budgets=[2], max_new_tokens=len(ids)),
                  model, tok)
     recs = {r["id"]: r for r in read_records(tmp_path / "ev" / "samples.jsonl")}
@@ -350,7 +352,7 @@ def _external(path, records, fields=("id", "sample_index", "text", "token_ids", 
 
 
 def test_external_samples_give_the_native_summary(tiny, tiny_dir, bench, tmp_path, monkeypatch):
-    monkeypatch.setattr(E, "grade_many", _fake_grade)
+    monkeypatch.setattr(SC, "grade_many", _fake_grade)
     model, tok = tiny
     native = evaluate(_cfg(tiny_dir, bench, tmp_path / "native"), model, tok)
     recs = read_records(tmp_path / "native" / "samples.jsonl")
@@ -401,23 +403,23 @@ def test_external_samples_errors_name_file_line_and_field(tiny_dir, bench, tmp_p
         return evaluate(_cfg(tiny_dir, bench, tmp_path / "ev", **kw), None, None)
 
     cases = [
-        (good[:2] + [dict(good[2], id="nope")] + good[3:], r"bad.jsonl line 3: field 'id': unknown problem id 'nope'"),
-        (good[:1] + [{k: v for k, v in good[1].items() if k != "text"}], r"line 2: field 'text' is missing"),
-        (good + [good[4]], r"line 7: field 'sample_index': \('p3', 0\) is already on line 5"),
+        (good[:2] + [dict(good[2], id="nope")] + good[3:], r"bad.jsonl:3: field 'id': unknown problem id 'nope'"),
+        (good[:1] + [{k: v for k, v in good[1].items() if k != "text"}], r":2: field 'text' is missing"),
+        (good + [good[4]], r":7: field 'sample_index': \('p3', 0\) is already on line 5"),
         ([dict(g, n_tokens=99) if i == 3 else g for i, g in enumerate(good)],
-         r"line 4: field 'n_tokens': 99 tokens, more than max_new_tokens 12"),
+         r":4: field 'n_tokens': 99 tokens, more than max_new_tokens 12"),
         ([{k: v for k, v in g.items() if k != "n_tokens"} for g in good],
-         r"line 1: field 'n_tokens' \(or 'token_ids'\) is missing"),
-        ([dict(g, token_ids=[1, 2]) for g in good], r"line 1: field 'n_tokens': 5, but token_ids has 2 ids"),
-        ([dict(g, forced={"9": "x"}) for g in good], r"line 1: field 'forced': budget 9 is not one of the budgets"),
-        (good[:5], r"bad.jsonl line 5: field 'sample_index': problem 'p3' has 1 samples, fewer than the largest k \(2\)"),
+         r":1: field 'n_tokens' \(or 'token_ids'\) is missing"),
+        ([dict(g, token_ids=[1, 2]) for g in good], r":1: field 'n_tokens': 5, but token_ids has 2 ids"),
+        ([dict(g, forced={"9": "x"}) for g in good], r":1: field 'forced': budget 9 is not one of the budgets"),
+        (good[:5], r"bad.jsonl:5: field 'sample_index': problem 'p3' has 1 samples, fewer than the largest k \(2\)"),
         ([g for g in good if g["sample_index"] == 0 or g["id"] != "p2"] + [dict(good[2], sample_index=2)],
          r"field 'sample_index': problem 'p2' has indices \[0, 2\]..., but sample 1 is missing"),
     ]
     for lines, match in cases:
         with pytest.raises(DataError, match=match):
             run(lines)
-    with pytest.raises(DataError, match=r"bad.jsonl line 2: not valid JSON"):
+    with pytest.raises(DataError, match=r"bad.jsonl:2: not a valid JSON record"):
         run(None, raw=json.dumps(good[0]) + "\n{oops\n")
     with pytest.raises(DataError, match=r"field 'samples': no such file"):
         evaluate(_cfg(tiny_dir, bench, tmp_path / "ev", samples=str(tmp_path / "none.jsonl")), None, None)

@@ -24,6 +24,7 @@ from dail.data import DataError, Example  # noqa: E402
 from dail.hints import landmark_hint, read_hints, states_answer  # noqa: E402
 from dail.prompts import hinted_messages  # noqa: E402
 from dail.prompts import render, student_messages  # noqa: E402
+import dail.sampler as SM  # noqa: E402
 
 # (problem, solution, gold). Landmarks of the solutions: an intermediate result and the answer,
 # so a landmark hint ("Useful intermediate results: 6.") exists and never states the answer.
@@ -232,12 +233,12 @@ def test_nurl_landmark_hints_train_and_never_reach_evaluation(tiny_dir, problems
     assert info["method"] == "nurl" and info["hints_used"] == 4
 
     shown = []
-    real_decode = E.decode
+    real_decode = SM.decode
 
     def record(model, prompts, **kw):
         shown.extend(prompts)
         return real_decode(model, prompts, **kw)
-    monkeypatch.setattr(E, "decode", record)
+    monkeypatch.setattr(SM, "decode", record)
     evaluate(EvalConfig(model=ModelConfig(name=str(tiny_dir), device="cpu"), adapter=str(adapter),
                         data=DataConfig(source=str(problems)), out=str(tmp_path / "eval"), n=2, ks=[1, 2],
                         max_new_tokens=3, batch_size=8))

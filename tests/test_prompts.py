@@ -240,11 +240,12 @@ def _synth(tiny_dir, tmp_path, **kw) -> SynthConfig:
 
 
 def test_synthesis_records_carry_the_prompts_and_a_rerun_with_others_is_refused(tiny_dir, tmp_path, monkeypatch):
+    import dail.sampler as SM
     import dail.synthesis as S
 
     seen = []
-    real = S.decode
-    monkeypatch.setattr(S, "decode", lambda model, prompts, **kw: seen.append((prompts, kw["teacher_prompts"]))
+    real = SM.decode
+    monkeypatch.setattr(SM, "decode", lambda model, prompts, **kw: seen.append((prompts, kw["teacher_prompts"]))
                         or real(model, prompts, **kw))
     p = load_prompts(str(AUTHORS))
     out = S.synthesize(_synth(tiny_dir, tmp_path, prompts=str(AUTHORS)))
@@ -265,6 +266,7 @@ def test_synthesis_records_carry_the_prompts_and_a_rerun_with_others_is_refused(
 
 
 def test_answer_only_teacher_in_synthesis_and_training(tiny_dir, tiny_tok, tmp_path, monkeypatch):
+    import dail.sampler as SM
     import dail.synthesis as S
     from dail.training import build_sequences
 
@@ -274,8 +276,8 @@ def test_answer_only_teacher_in_synthesis_and_training(tiny_dir, tiny_tok, tmp_p
         SynthConfig(teacher_context="answer")
     assert "teacher_context" in resume_keys(SynthConfig)
     seen = []
-    real = S.decode
-    monkeypatch.setattr(S, "decode", lambda model, prompts, **kw: seen.append(kw["teacher_prompts"])
+    real = SM.decode
+    monkeypatch.setattr(SM, "decode", lambda model, prompts, **kw: seen.append(kw["teacher_prompts"])
                         or real(model, prompts, **kw))
     cfg = _synth(tiny_dir, tmp_path, teacher_context="answer_only")
     out = S.synthesize(cfg)
@@ -303,7 +305,7 @@ def test_answer_only_teacher_in_synthesis_and_training(tiny_dir, tiny_tok, tmp_p
     none = _experts(tmp_path / "none.jsonl", answers=False)
     with pytest.raises(DataError, match=r"teacher_context answer_only needs a gold 'answer' for every problem.*3 of 3"):
         S.synthesize(_synth(tiny_dir, tmp_path / "none", teacher_context="answer_only",
-                            data=DataConfig(source=str(none))), model=object())
+                            data=DataConfig(source=str(none))), sampler=object())
 
 
 def _records(path: Path, tok, **fields) -> Path:
@@ -343,13 +345,13 @@ def test_training_renders_with_its_prompts_and_refuses_records_made_with_others(
 
 
 def test_evaluation_renders_the_student_text_and_records_the_hash(tiny, tiny_dir, tmp_path, monkeypatch):
-    import dail.evaluation as E
+    import dail.sampler as SM
     from dail.evaluation import evaluate
 
     model, tok = tiny
     seen = []
-    real = E.decode
-    monkeypatch.setattr(E, "decode", lambda model, prompts, **kw: seen.append(prompts) or real(model, prompts, **kw))
+    real = SM.decode
+    monkeypatch.setattr(SM, "decode", lambda model, prompts, **kw: seen.append(prompts) or real(model, prompts, **kw))
     bench = tmp_path / "bench.jsonl"
     bench.write_text("".join(json.dumps({"id": f"q{i}", "problem": f"What is {i}+1?", "answer": str(i + 1)}) + "\n"
                              for i in range(2)), encoding="utf-8")

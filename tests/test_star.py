@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from dail import synthesis
+from dail import sampler, synthesis
 from dail.config import ConfigError, DataConfig, ModelConfig, SynthConfig, TrainConfig, save
 from dail.data import DataError
 from dail.decoding import decode as real_decode, generator_for
@@ -54,7 +54,7 @@ def install_fake_grading(setattr_, tok) -> dict:
         assert len(texts) == len(last), "grading should follow the batch just decoded"
         return [g == "7" or (g == "8" and hinted) for g, hinted in zip(golds, last)]
 
-    setattr_(synthesis, "decode", decode)
+    setattr_(sampler, "decode", decode)
     setattr_(synthesis, "grade_many", grade_many)
     return log
 
@@ -270,7 +270,7 @@ def test_star_refuses_bad_input_before_any_model_loads(tmp_path, monkeypatch, ca
     def no_model(*a, **k):
         raise AssertionError("no model should load for bad input")
 
-    monkeypatch.setattr(synthesis, "load_model", no_model)
+    monkeypatch.setattr(sampler, "load_model", no_model)
     monkeypatch.setattr(synthesis, "load_tokenizer", no_model)
     data = _experts(tmp_path / "experts.jsonl")
     lines = data.read_text().splitlines()

@@ -198,7 +198,7 @@ def test_over_long_solutions_are_shortened_to_fit_or_skipped(tiny, tmp_path):
     model.config.max_position_embeddings = fitting + 12 + 2  # the cut fits, the full solution does not
     assert full > fitting + 14
     cfg = _cfg(None, tmp_path, model=ModelConfig(name="unused", device="cpu"), data=DataConfig(source=str(experts)))
-    out = synthesize(cfg, model=model, tokenizer=tok)
+    out = synthesize(cfg, sampler=model, tokenizer=tok)
     recs = {(r["id"], r["sample_index"]): r for r in read_records(out)}
     assert len(recs) == 4
     cut = recs[("long", 0)]
@@ -212,9 +212,9 @@ def test_over_long_solutions_are_shortened_to_fit_or_skipped(tiny, tmp_path):
     from dail.config import ConfigError
 
     with pytest.raises(ConfigError, match="different 'long_solutions'"):
-        synthesize(SynthConfig(**(cfg.__dict__ | {"long_solutions": "skip"})), model=model, tokenizer=tok)
+        synthesize(SynthConfig(**(cfg.__dict__ | {"long_solutions": "skip"})), sampler=model, tokenizer=tok)
     out2 = synthesize(_cfg(None, tmp_path / "skip", model=ModelConfig(name="unused", device="cpu"),
-                           data=DataConfig(source=str(experts)), long_solutions="skip"), model=model, tokenizer=tok)
+                           data=DataConfig(source=str(experts)), long_solutions="skip"), sampler=model, tokenizer=tok)
     assert {r["id"] for r in read_records(out2)} == {"fine"}
     assert {r["id"] for r in read_records(out2.with_name("synthetic.skipped.jsonl"))} == {"long"}
 

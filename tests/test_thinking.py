@@ -14,6 +14,8 @@ import pytest
 import torch
 
 import dail.evaluation as E
+import dail.sampler as SM
+import dail.scoring as SC
 from conftest import CHAT_TEMPLATE, make_model, make_tokenizer
 from dail.config import ConfigError, DataConfig, EvalConfig, ModelConfig, SynthConfig, TrainConfig
 from dail.data import DataError, Example
@@ -208,7 +210,7 @@ def test_forced_answers_at_every_budget_from_hand_made_samples(think, think_dir,
 
     for p in PROBLEMS:
         real_prompts[p["id"]] = render(tok, student_messages(p["problem"]))
-    monkeypatch.setattr(E, "decode", fake_decode)
+    monkeypatch.setattr(SM, "decode", fake_decode)
     cfg = _cfg(think_dir, bench, tmp_path / "ev", budgets=[b_early, b_late], max_new_tokens=top)
     s = E.evaluate(cfg, model, tok)
 
@@ -245,7 +247,7 @@ def test_forced_answers_at_every_budget_from_hand_made_samples(think, think_dir,
 
 def test_forced_answers_do_not_depend_on_batching_and_resume_adds_them(think, think_dir, bench, tmp_path,
                                                                        monkeypatch):
-    monkeypatch.setattr(E, "grade_many", lambda preds, golds, timeout, kind="math", timed_out=None:
+    monkeypatch.setattr(SC, "grade_many", lambda preds, golds, timeout, kind="math", timed_out=None:
                         [len(p) % 2 == 0 for p in preds])
     model, tok = think
     kw = dict(n=3, ks=[1, 3], budgets=[4, 8], max_new_tokens=16, temperature=1.0)
@@ -265,8 +267,8 @@ def test_forced_answers_do_not_depend_on_batching_and_resume_adds_them(think, th
     # samples drawn with forcing off get their forced answers on a rerun, without sampling again
     off = _cfg(think_dir, bench, tmp_path / "c", batch_size=6, force_answer=False, **kw)
     E.evaluate(off, model, tok)
-    real, sampled = E.decode, []
-    monkeypatch.setattr(E, "decode", lambda m, p, **k: sampled.append(k["max_new_tokens"]) or real(m, p, **k))
+    real, sampled = SM.decode, []
+    monkeypatch.setattr(SM, "decode", lambda m, p, **k: sampled.append(k["max_new_tokens"]) or real(m, p, **k))
     c = E.evaluate(_cfg(think_dir, bench, tmp_path / "c", batch_size=6, **kw), model, tok)
     assert sampled and set(sampled) == {5}  # only forced continuations were decoded
     rc = {(r["id"], r["sample_index"]): r for r in read_records(tmp_path / "c" / "samples.jsonl")}
@@ -275,7 +277,7 @@ def test_forced_answers_do_not_depend_on_batching_and_resume_adds_them(think, th
 
 
 def test_no_thinking_no_forcing(think_dir, bench, tmp_path, monkeypatch):
-    monkeypatch.setattr(E, "grade_many", lambda preds, golds, timeout, kind="math", timed_out=None:
+    monkeypatch.setattr(SC, "grade_many", lambda preds, golds, timeout, kind="math", timed_out=None:
                         [False] * len(preds))
     cfg = ModelConfig(name=str(think_dir), device="cpu", thinking="off")
     model, tok = load_model(cfg), load_tokenizer(cfg)

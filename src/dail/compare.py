@@ -21,6 +21,7 @@ not retrained, and an interrupted training continues from its checkpoint.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import time
@@ -32,13 +33,13 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from dail import dist
-from dail.config import CompareConfig, DataConfig, EvalConfig, SynthConfig, TrainConfig, save
-from dail.evaluation import BOOTSTRAP_RESAMPLES, evaluate
+from dail.config import CompareConfig, DataConfig, EvalConfig, SynthConfig, TrainConfig
+from dail.evaluation import evaluate
 from dail.layout import RunFolder, eval_files, finished_adapter, shared_synth, synth_files
-from dail.lock import output_lock
-from dail.models import load_adapter_for_inference, load_model, load_tokenizer
 from dail.records import read_records
-from dail.stats import paired_difference, per_problem_pass, resample_indices, transitions
+from dail.sampler import open_sampler
+from dail.stages import command_folder, stage_config
+from dail.stats import BOOTSTRAP_RESAMPLES, paired_difference, per_problem_pass, resample_indices, transitions
 from dail.synthesis import synthesize
 from dail.training import train_or_reuse
 
@@ -91,28 +92,20 @@ def _timed(timings: dict, key: str, path: Path) -> Iterator[None]:
 
 
 def _synth_cfg(cfg: CompareConfig, mode: str) -> SynthConfig:
-    s = copy.deepcopy(cfg.synth)
-    s.model, s.data, s.mode, s.prompts = cfg.model, cfg.data, mode, cfg.prompts
-    if mode != "mixed":  # answer_only is a variant of the mixed-mode teacher; the direct and star sets have none
-        s.teacher_context = "solution"
-    s.out = str(shared_synth(cfg.out, mode))
-    return s
+    # answer_only is a variant of the mixed-mode teacher; the direct and star sets have none
+    base = cfg.synth if mode == "mixed" else dataclasses.replace(cfg.synth, teacher_context="solution")
+    return stage_config(cfg, "synth", base, data=cfg.data, mode=mode, out=str(shared_synth(cfg.out, mode)))
 
 
 def _train_cfg(cfg: CompareConfig, method: str, seed: int, folder: Path) -> TrainConfig:
-    t = copy.deepcopy(cfg.train)
-    t.model, t.expert, t.loss, t.seed, t.prompts = cfg.model, cfg.data, METHODS[method]["loss"], seed, cfg.prompts
     synth = METHODS[method]["synth"]
-    t.data = str(shared_synth(cfg.out, synth)) if synth else t.data
-    t.out = str(RunFolder(folder).train)
-    return t
+    return stage_config(cfg, "train", expert=cfg.data, loss=METHODS[method]["loss"], seed=seed,
+                        data=str(shared_synth(cfg.out, synth)) if synth else cfg.train.data,
+                        out=str(RunFolder(folder).train))
 
 
 def _eval_cfg(cfg: CompareConfig, split: str, folder: Path, adapter: str) -> EvalConfig:
-    e = copy.deepcopy(cfg.eval)
-    e.model, e.data, e.adapter, e.out = cfg.model, split_data(cfg, split), adapter, str(RunFolder(folder).eval(split))
-    e.prompts = cfg.prompts
-    return e
+    return stage_config(cfg, "eval", data=split_data(cfg, split), adapter=adapter, out=str(RunFolder(folder).eval(split)))
 
 
 def _train_grpo(cfg: CompareConfig, method: str, seed: int, folder: Path) -> Path:
@@ -125,22 +118,17 @@ def _train_grpo(cfg: CompareConfig, method: str, seed: int, folder: Path) -> Pat
 def compare(cfg: CompareConfig) -> Path:
     """Run every method of `cfg` (resuming what is done) and write the comparison report."""
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    rank, _ = dist.world()
-    if rank == 0:
-        save(cfg, out / "config.yaml")
     timings_path = out / "timings.json"
     timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
-    with output_lock(out / ".compare.lock", f"{out}: comparison", rank):
-        tok = load_tokenizer(cfg.model)
-        model = load_model(cfg.model)
+    with command_folder(cfg, "compare") as tok:
+        sampler = open_sampler(cfg.model, tokenizer=tok)  # the base model
         for split in cfg.splits:  # the base model, once per split
             with _timed(timings, f"eval base {split}", timings_path):
-                evaluate(_eval_cfg(cfg, split, out / "base", ""), model, tok, label="base")
+                evaluate(_eval_cfg(cfg, split, out / "base", ""), sampler, tok, label="base")
         for mode in dict.fromkeys(METHODS[m]["synth"] for m in cfg.methods if METHODS[m]["synth"]):
             with _timed(timings, f"synth {mode}", timings_path):
-                synthesize(_synth_cfg(cfg, mode), model, tok)
-        del model
+                synthesize(_synth_cfg(cfg, mode), sampler, tok)
+        del sampler
         for name, method, seed in method_runs(cfg):
             if method == "base":
                 continue
@@ -153,12 +141,12 @@ def compare(cfg: CompareConfig) -> Path:
                         adapter = _train_grpo(cfg, method, seed, folder)
                     else:
                         adapter = train_or_reuse(_train_cfg(cfg, method, seed, folder))
-            trained = load_adapter_for_inference(load_model(cfg.model), str(adapter))
+            trained = open_sampler(cfg.model, str(adapter), tokenizer=tok)
             for split in cfg.splits:
                 with _timed(timings, f"eval {name} {split}", timings_path):
                     evaluate(_eval_cfg(cfg, split, folder, str(adapter)), trained, tok, label=name)
             del trained
-    if rank == 0:
+    if dist.world()[0] == 0:
         write_compare_report(cfg)
     return out / "report.md"
 

@@ -8,9 +8,11 @@ comparable with its other methods:
   `attach_lora` with the same settings and defaults as `dail train`;
 - the prompt: the student context of `dail eval`, `prompts.render(tok, student_messages(x, prompts))`,
   with the same prompt file (`GRPOConfig.prompts`);
-- the sampler: `dail.decoding.decode`, the one `dail eval` uses (same stop tokens, same
-  temperature/top-p rule), with one seeded generator per rollout, keyed on (run seed, step,
-  problem, index in the group), so rollouts do not depend on batching or process count;
+- the sampler: `dail.sampler`, the seam `dail eval` samples through (same stop tokens, same
+  temperature/top-p rule), with one seed per rollout, keyed on (run seed, step, problem, index
+  in the group), so rollouts do not depend on batching or process count. Before each rollout
+  the policy's weights are pushed to it (`Sampler.push_weights`; the HF engine samples the live
+  module, so that costs nothing);
 - the reward: `dail.grading.grade_many`, math-verify in its killable process pool under
   `grade_timeout`: 1.0 right; 0.0 wrong, without an answer, or past the timeout.
 
@@ -75,14 +77,14 @@ from dail import dist
 from dail.checkpoint import Logger
 from dail.config import ConfigError, DataConfig, GRPOConfig, check_resumable, save, to_dict
 from dail.data import DataError, Example, load_benchmark, load_examples
-from dail.decoding import decode, generator_for
 from dail.grading import grade_many
 from dail.hints import collect_hints, read_hints, usable_hints
 from dail.layout import RunFolder, finished_adapter, grpo_files
 from dail.lock import output_lock
-from dail.models import attach_lora, check_source, context_window, load_model, load_tokenizer, model_label
-from dail.prompts import (HINT_PROMPT_VERSION, end_of_turn_ids, hinted_messages, load_prompts, render,
-                          student_messages)
+from dail.models import attach_lora, check_source, load_model, load_tokenizer, model_label
+from dail.prompts import HINT_PROMPT_VERSION, hinted_messages, load_prompts, render, student_messages
+from dail.sampler import Sampler, Sampling, open_sampler, sample_seed
+from dail.stages import stage_config
 
 __all__ = ["train_grpo", "needs_hint", "plan_hints", "make_reward", "Rollout", "load_train_problems",
            "config_for_compare"]
@@ -147,14 +149,18 @@ def make_reward(group_size: int, timeout: float) -> Callable[..., list[float]]:
 # ----------------------------------------------------------------------------- rollouts
 
 class Rollout:
-    """TRL's `rollout_func`: sample each row from its problem's student prompt with dail's
-    decoder; with hints, resample G-1 rows of every all-zero group from the hinted prompt.
+    """TRL's `rollout_func`: sample each row from its problem's student prompt through dail's
+    sampler; with hints, resample G-1 rows of every all-zero group from the hinted prompt.
 
     `problems` are the training problems; `hints` {id: hint} the usable ones ({} = plain GRPO).
+    `sampler`: the one to push the policy's weights to before each rollout (None: the first
+    rollout wraps the trainer's model in cfg.model's engine).
     """
 
-    def __init__(self, tok: Any, problems: list[Example], hints: dict[str, str], cfg: GRPOConfig) -> None:
-        self.tok, self.cfg, self.hints = tok, cfg, hints
+    def __init__(self, tok: Any, problems: list[Example], hints: dict[str, str], cfg: GRPOConfig,
+                 sampler: Sampler | None = None) -> None:
+        self.tok, self.cfg, self.hints, self.sampler = tok, cfg, hints, sampler
+        self.sampling = Sampling.of(cfg)
         self.prompts = prompts = load_prompts(cfg.prompts)
         self.by_prompt = {student_messages(ex.problem, prompts)[0]["content"]: ex for ex in problems}
         if len(self.by_prompt) < len(problems):
@@ -163,24 +169,16 @@ class Rollout:
         self.plain = {ex.id: render(tok, student_messages(ex.problem, prompts)) for ex in problems}
         self.hinted = {ex.id: render(tok, hinted_messages(ex.problem, hints[ex.id], prompts)) for ex in problems
                        if ex.id in hints}
-        self.stop, self.pad = end_of_turn_ids(tok), tok.pad_token_id
 
     def longest_prompt(self) -> tuple[str, int]:
         """(problem id, length) of the longest prompt any rollout may use."""
         return max(((k, len(v)) for d in (self.plain, self.hinted) for k, v in d.items()), key=lambda t: t[1])
 
-    def sample(self, model: Any, prompts: list[list[int]], keys: list[tuple[str, int]]) -> list[list[int]]:
+    def sample(self, prompts: list[list[int]], keys: list[tuple[str, int]]) -> list[list[int]]:
         """One completion per prompt (token ids, end-of-turn included when it stopped); `keys`
-        name each rollout's generator."""
-        gens = [generator_for(self.cfg.seed, k, j) for k, j in keys]
-        training = model.training
-        model.eval()  # the sampler's forwards: no dropout, and a KV cache even with checkpointing on
-        try:
-            out = decode(model, prompts, generators=gens, max_new_tokens=self.cfg.max_new_tokens,
-                         stop_ids=self.stop, pad_id=self.pad, temperature=self.cfg.temperature, top_p=self.cfg.top_p)
-        finally:
-            model.train(training)
-        return [d.tokens for d in out]
+        name each rollout's seed."""
+        seeds = [sample_seed(self.cfg.seed, k, j) for k, j in keys]
+        return [d.tokens for d in self.sampler.sample(prompts, seeds, self.sampling)]
 
     def __call__(self, prompts: list, trainer: Any) -> dict[str, list]:
         G = trainer.num_generations if trainer.model.training else trainer.num_generations_eval
@@ -196,7 +194,10 @@ class Rollout:
         step = trainer.state.global_step
         keys = [(f"grpo:{step}:{(first + i) // G}:{ex.id}", (first + i) % G) for i, ex in enumerate(exs)]
         ids = [self.plain[ex.id] for ex in exs]
-        completions = self.sample(trainer.model, ids, keys)
+        if self.sampler is None:
+            self.sampler = open_sampler(self.cfg.model, model=trainer.model, tokenizer=self.tok)
+        self.sampler.push_weights(trainer.model)  # this step's policy
+        completions = self.sample(ids, keys)
         out: dict[str, list] = {"prompt_ids": ids, "completion_ids": completions, "logprobs": None}
         if not self.hints or not trainer.model.training:  # hints only ever in training rollouts
             return out
@@ -208,7 +209,7 @@ class Rollout:
         zero = [needs_hint(grades[i - i % G:i - i % G + G]) for i in range(n)]
         rows = [i for i in range(n) if redo[i]]
         if rows:
-            again = self.sample(trainer.model, [self.hinted[exs[i].id] for i in rows],
+            again = self.sample([self.hinted[exs[i].id] for i in rows],
                                 [(keys[i][0] + ":hint", keys[i][1]) for i in rows])
             for i, c in zip(rows, again):
                 ids[i], completions[i] = self.hinted[exs[i].id], c
@@ -378,21 +379,22 @@ def _train(cfg: GRPOConfig, files: dict[str, Path], hints_path: Path, problems: 
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
     tok = load_tokenizer(cfg.model)
     model = load_model(cfg.model, device)
+    sampler = open_sampler(cfg.model, model=model, tokenizer=tok)  # the base model, until LoRA is on
     hints: dict[str, str] = {}
     if cfg.hints != "none":
-        collect_hints(cfg.hints, hints_path, problems, have, model, tok, cfg.max_new_tokens, cfg.hint_tokens,
+        collect_hints(cfg.hints, hints_path, problems, have, sampler, cfg.max_new_tokens, cfg.hint_tokens,
                       cfg.seed, model_label(cfg.model))
         hints = usable_hints(read_hints(hints_path, problems), problems)
-    rollout = Rollout(tok, problems, hints, cfg)
+    rollout = Rollout(tok, problems, hints, cfg, sampler)
     longest_id, longest = rollout.longest_prompt()
-    window = context_window(model)
+    window = sampler.window
     if longest + cfg.max_new_tokens > window:
         raise DataError(f"problem {longest_id!r}: its prompt has {longest} tokens; with max_new_tokens "
                         f"{cfg.max_new_tokens} it does not fit the model's window of {window} positions")
     set_seed(cfg.seed)  # LoRA init
     model = attach_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules)
     # TRL ends a completion at the model's eos ids; make them dail's end-of-turn ids (as in dail eval).
-    model.generation_config.eos_token_id = end_of_turn_ids(tok)
+    model.generation_config.eos_token_id = sampler.stop_ids
 
     args = trl.GRPOConfig(
         output_dir=str(files["checkpoints"]), seed=cfg.seed, data_seed=cfg.seed,
@@ -445,5 +447,5 @@ def _train(cfg: GRPOConfig, files: dict[str, Path], hints_path: Path, problems: 
 def config_for_compare(cfg: Any, method: str, seed: int, folder: Path) -> GRPOConfig:
     """The GRPOConfig of a `dail compare` method (grpo, or nurl: GRPO with self hints), trained into
     `<folder>/train` on the comparison's model and training problems; an interrupted run resumes."""
-    return GRPOConfig(model=cfg.model, data=cfg.data, out=str(RunFolder(Path(folder)).train), seed=seed,
-                      hints="self" if method == "nurl" else "none", resume=True, prompts=cfg.prompts)
+    return stage_config(cfg, "grpo", data=cfg.data, out=str(RunFolder(Path(folder)).train), seed=seed,
+                        hints="self" if method == "nurl" else "none", resume=True)

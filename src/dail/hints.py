@@ -31,22 +31,18 @@ following `dail.prompts`' rule for single-method prompts.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from dail import dist
 from dail.data import DataError, Example
-from dail.decoding import decode, generator_for
 from dail.grading import normalize
 from dail.landmarks import extract_landmarks
-from dail.prompts import (HINT_PROMPT_VERSION, end_of_turn_ids, hint_explain_messages, hint_request_messages,
-                          render)
-from dail.records import append_record, merge_shards, read_records
+from dail.prompts import HINT_PROMPT_VERSION, hint_explain_messages, hint_request_messages, render
+from dail.records import append_record, merge_shards, read_jsonl, read_records
+from dail.sampler import Sampler, Sampling, sample_seed
 
 __all__ = ["states_answer", "landmark_hint", "read_hints",
            "usable_hints", "collect_hints"]
@@ -81,16 +77,8 @@ def read_hints(path: str | Path, problems: list[Example]) -> dict[str, str | Non
     known = {ex.id for ex in problems}
     out: dict[str, str | None] = {}
     seen: dict[str, int] = {}
-    for lineno, raw in enumerate(path.read_bytes().split(b"\n"), start=1):
-        if not raw.strip():
-            continue
+    for lineno, rec in read_jsonl(path):
         where = f"{path}:{lineno}"
-        try:
-            rec = json.loads(raw.decode("utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise DataError(f"{where}: not a valid JSON record ({e}); fix or delete the line") from None
-        if not isinstance(rec, dict):
-            raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
         hid = rec.get("id")
         if isinstance(hid, int) and not isinstance(hid, bool):
             hid = str(hid)
@@ -125,11 +113,11 @@ def usable_hints(hints: dict[str, str | None], problems: list[Example]) -> dict[
 
 # ----------------------------------------------------------------------------- collection
 
-def collect_hints(kind: str, path: str | Path, problems: list[Example], have: dict[str, Any], model: Any,
-                  tok: Any, max_new_tokens: int, hint_tokens: int, seed: int, model_name: str,
-                  batch_size: int = 16) -> None:
-    """Append a record for every problem without one in `path`. Under `accelerate launch` each
-    rank collects its share into its own shard and rank 0 merges the shards (`dail.dist`)."""
+def collect_hints(kind: str, path: str | Path, problems: list[Example], have: dict[str, Any], sampler: Sampler,
+                  max_new_tokens: int, hint_tokens: int, seed: int, model_name: str, batch_size: int = 16) -> None:
+    """Append a record for every problem without one in `path` (kind self: written by `sampler`,
+    the base model). Under `accelerate launch` each rank collects its share into its own shard and
+    rank 0 merges the shards (`dail.dist`)."""
     rank, world = dist.world()
     todo = [ex for ex in problems if ex.id not in have]
     mine = dist.shard(todo, rank, world)
@@ -138,17 +126,15 @@ def collect_hints(kind: str, path: str | Path, problems: list[Example], have: di
         log.info("hints (%s): collecting %d of %d into %s", kind, len(todo), len(problems), path)
     if mine:
         shard.parent.mkdir(parents=True, exist_ok=True)
-        done = {r.get("id") for r in read_records(shard)} if world > 1 else set()
-        if shard.exists() and shard.stat().st_size and not shard.read_bytes().endswith(b"\n"):
-            with open(shard, "ab") as fh:  # a hand-edited last line without its newline
-                fh.write(b"\n")
+        # Also closes a hand-edited last line that lacks its newline, so the next append starts a line.
+        done = {r.get("id") for r in read_records(shard)}
         with open(shard, "a", encoding="utf-8") as fh:
             for i in range(0, len(mine), batch_size):
                 batch = [ex for ex in mine[i:i + batch_size] if ex.id not in done]
                 if kind == "landmarks":
                     recs = [{"id": ex.id, "hint": landmark_hint(ex), "source": "landmarks"} for ex in batch]
                 else:
-                    recs = _self_hints(batch, model, tok, max_new_tokens, hint_tokens, seed)
+                    recs = _self_hints(batch, sampler, max_new_tokens, hint_tokens, seed)
                 for rec in recs:
                     hint = rec["hint"]
                     append_record(fh, rec | {"states_answer": bool(hint) and states_answer(hint, _gold(batch, rec)),
@@ -164,16 +150,14 @@ def _gold(batch: list[Example], rec: dict) -> str:
     return next(ex.answer or "" for ex in batch if ex.id == rec["id"])
 
 
-def _self_hints(batch: list[Example], model: Any, tok: Any, max_new_tokens: int, hint_tokens: int,
+def _self_hints(batch: list[Example], sampler: Sampler, max_new_tokens: int, hint_tokens: int,
                 seed: int) -> list[dict]:
-    """NuRL's two turns for a batch of problems: explain the gold answer, then hint at it."""
-    stop, pad = end_of_turn_ids(tok), tok.pad_token_id
+    """NuRL's two turns for a batch of problems: explain the gold answer, then hint at it (greedy)."""
+    tok = sampler.tokenizer
 
     def greedy(prompts: list[list[int]], limit: int, tag: int) -> list[str]:
-        gens = [generator_for(seed, ex.id, tag) for ex in batch]  # unused at temperature 0, required by decode
-        with torch.no_grad():
-            out = decode(model, prompts, generators=gens, max_new_tokens=limit, stop_ids=stop, pad_id=pad,
-                         temperature=0.0)
+        seeds = [sample_seed(seed, ex.id, tag) for ex in batch]  # unused at temperature 0
+        out = sampler.sample(prompts, seeds, Sampling(temperature=0.0, max_new_tokens=limit))
         return [tok.decode(d.tokens, skip_special_tokens=True).strip() for d in out]
 
     reasoning = greedy([render(tok, hint_explain_messages(ex.problem, ex.answer)) for ex in batch], max_new_tokens, 0)

@@ -16,18 +16,20 @@ what an interrupted run already wrote.
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import logging
 from pathlib import Path
+from typing import Any
 
 from dail import dist
-from dail.config import DataConfig, EvalConfig, RunConfig, save
+from dail.config import DataConfig, EvalConfig, RunConfig
 from dail.evaluation import evaluate
 from dail.data import DataError
 from dail.layout import RunFolder, synth_files
 from dail.records import read_records
-from dail.models import load_model, load_tokenizer
 from dail.report import write_report
+from dail.sampler import open_sampler
+from dail.stages import command_folder, stage_config
 from dail.synthesis import synthesize
 from dail.training import train_or_reuse
 
@@ -36,30 +38,27 @@ log = logging.getLogger(__name__)
 
 def resolve(cfg: RunConfig) -> RunConfig:
     """Point every stage at the run folder, the shared model and the run's data."""
-    cfg = copy.deepcopy(cfg)
     run = RunFolder(Path(cfg.out))
-    cfg.synth.model = cfg.train.model = cfg.eval.model = cfg.model
-    cfg.synth.prompts = cfg.train.prompts = cfg.eval.prompts = cfg.prompts
-    cfg.synth.data = cfg.train.expert = cfg.train_data
-    cfg.synth.out = cfg.train.data = str(run.synth)
-    cfg.train.out = str(run.train)
-    cfg.eval.data, cfg.eval.adapter, cfg.eval.out = cfg.test_data, "", str(run.root / "eval")
-    return cfg
+    return dataclasses.replace(
+        cfg,
+        synth=stage_config(cfg, "synth", data=cfg.train_data, out=str(run.synth)),
+        train=stage_config(cfg, "train", expert=cfg.train_data, data=str(run.synth), out=str(run.train)),
+        eval=stage_config(cfg, "eval", data=cfg.test_data, adapter="", out=str(run.root / "eval")),
+    )
 
 
 def run(cfg: RunConfig) -> Path:
-    rank, _ = dist.world()
     folder = RunFolder(Path(cfg.out))
-    folder.root.mkdir(parents=True, exist_ok=True)
-    if rank == 0:
-        save(cfg, folder.config)
-    cfg = resolve(cfg)
+    with command_folder(cfg, "run") as tokenizer:
+        _run(resolve(cfg), folder, tokenizer)
+    return folder.root
 
-    tokenizer = load_tokenizer(cfg.model)
-    model = load_model(cfg.model)
+
+def _run(cfg: RunConfig, folder: RunFolder, tokenizer: Any) -> None:
+    sampler = open_sampler(cfg.model, tokenizer=tokenizer)  # the base model: synthesis and base evaluation
     if cfg.train.loss != "sft":
         log.info("stage 1/3: synthesis -> %s", cfg.synth.out)
-        if not read_records(synthesize(cfg.synth, model, tokenizer)):
+        if not read_records(synthesize(cfg.synth, sampler, tokenizer)):
             rejected = synth_files(cfg.synth.out)["rejected"]
             raise DataError(f"{cfg.synth.out}: synthesis kept no trajectory for training (keep: {cfg.synth.keep}; "
                             f"{len(read_records(rejected))} wrong ones are in {rejected.name}). Raise "
@@ -68,22 +67,19 @@ def run(cfg: RunConfig) -> Path:
     evals = [("test", cfg.test_data)] + ([("train", cfg.train_data)] if cfg.eval_train else [])
     for split, data in evals:
         log.info("evaluating the base model on %s problems", split)
-        evaluate(_eval_cfg(cfg, data, folder.eval(f"base-{split}"), adapter=""), model, tokenizer, label="base")
+        evaluate(_eval_cfg(cfg, data, folder.eval(f"base-{split}"), adapter=""), sampler, tokenizer, label="base")
 
     log.info("stage 2/3: training (%s) -> %s", cfg.train.loss, cfg.train.out)
     adapter = train_or_reuse(cfg.train)
 
-    del model  # evaluation of the trained model loads base + adapter fresh
+    del sampler  # evaluation of the trained model opens base + adapter fresh
     for split, data in evals:
         log.info("evaluating the trained model on %s problems", split)
         evaluate(_eval_cfg(cfg, data, folder.eval(f"trained-{split}"), adapter=str(adapter)), label="trained")
 
-    if rank == 0:
+    if dist.world()[0] == 0:
         log.info("report: %s", write_report([folder.root], folder.root))
-    return folder.root
 
 
 def _eval_cfg(cfg: RunConfig, data: DataConfig, out: Path, adapter: str) -> EvalConfig:
-    e = copy.deepcopy(cfg.eval)
-    e.data, e.adapter, e.out = data, adapter, str(out)
-    return e
+    return stage_config(cfg, "eval", data=data, adapter=adapter, out=str(out))

@@ -1,9 +1,16 @@
-"""Record I/O: the resumable JSONL files every stage writes (synthetic sets, samples, metrics).
+"""Record I/O: the JSONL files every stage writes and reads (synthetic sets, samples, hints, metrics).
 
-A record is one JSON object per line. Stages append one record at a time and flush it, so a
-killed process loses at most the line it was writing; `read_records` cuts such a torn last line
-off before the next append. Under `accelerate launch`, each rank appends to its own shard file
-(`dist.shard_path`) and rank 0 folds the shards into the output with `merge_shards`.
+A record is one JSON object per line. Three ways in and out, each written once:
+- appending: stages append one record at a time and fsync it (`append_record`), so a killed
+  process loses at most the line it was writing; `read_records` cuts such a torn last line off
+  before the next append;
+- rewriting: a whole file is replaced in one step (`write_records`: temporary file, fsync,
+  rename, fsync of the folder), so a crash leaves the old file or the new one, whole;
+- checked reading of a file a person or another tool wrote (`read_jsonl`): nothing is
+  repaired, and an error names the file and the line.
+
+Under `accelerate launch`, each rank appends to its own shard file (`dist.shard_path`) and rank 0
+folds the shards into the output with `merge_shards`.
 """
 
 from __future__ import annotations
@@ -12,12 +19,12 @@ import json
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Iterator
 
 from dail import dist
 from dail.data import DataError
 
-__all__ = ["read_records", "append_record", "merge_shards"]
+__all__ = ["read_records", "read_jsonl", "append_record", "write_records", "merge_shards"]
 
 
 def read_records(path: str | Path, repair: bool = True) -> list[dict]:
@@ -74,6 +81,44 @@ def append_record(fh: Any, record: dict) -> None:
     os.fsync(fh.fileno())
 
 
+def write_records(path: str | Path, records: Iterable[dict]) -> None:
+    """Replace `path` with `records` in one step: a crash leaves the old file or the new one, whole."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        for r in records:
+            fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable (POSIX)
+        fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
+    """(line number, record) for every non-blank line of a JSONL file a person or another tool wrote.
+
+    Strict: a line that is not a JSON object raises DataError naming the file and the line, and
+    nothing is repaired (unlike `read_records`, which owns the files dail appends to). The
+    caller checks the fields, naming them as `f"{path}:{line}: field 'x': ..."`.
+    """
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            if not raw.strip():
+                continue
+            try:
+                rec = json.loads(raw.decode("utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+                raise DataError(f"{path}:{lineno}: not a valid JSON record ({e}); fix or delete the line") from None
+            if not isinstance(rec, dict):
+                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
+            yield lineno, rec
+
+
 def merge_shards(out: str | Path, world_size: int, key: Callable[[dict], Any]) -> None:
     """Rank 0: fold every shard file into `out` (keeping records already there), sorted by key."""
     out = Path(out)
@@ -84,10 +129,6 @@ def merge_shards(out: str | Path, world_size: int, key: Callable[[dict], Any]) -
     for p in shards:
         for r in read_records(p):
             records.setdefault(key(r), r)
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        for k in sorted(records):
-            fh.write(json.dumps(records[k], ensure_ascii=False) + "\n")
-    os.replace(tmp, out)
+    write_records(out, (records[k] for k in sorted(records)))
     for p in shards:
         p.unlink(missing_ok=True)

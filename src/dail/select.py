@@ -26,9 +26,7 @@ be an expert record, so selecting one is an error naming it.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from collections import Counter
 from pathlib import Path
 
@@ -37,7 +35,7 @@ import yaml
 from dail.config import DataConfig, SelectConfig, from_dict, save
 from dail.data import DataError, load_problems
 from dail.layout import eval_files, select_files
-from dail.records import read_records
+from dail.records import read_records, write_records
 
 __all__ = ["correct_counts", "select"]
 
@@ -119,13 +117,8 @@ def select(cfg: SelectConfig) -> Path:
            "max_correct": cfg.max_correct, "temperature": saved.get("temperature"),
            "max_new_tokens": saved.get("max_new_tokens")}
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        for ex in chosen:
-            record = ex.to_dict()
-            record["meta"] = dict(ex.meta) | {"selected": how | {"correct": counts[ex.id]}}
-            fh.write(json.dumps(record, ensure_ascii=False) + "\n")
-    os.replace(tmp, out)
+    write_records(out, (ex.to_dict() | {"meta": dict(ex.meta) | {"selected": how | {"correct": counts[ex.id]}}}
+                        for ex in chosen))
     save(cfg, out_files["config"])
     hist = Counter(counts.values())
     log.info("%s: %d of %d problems have at most %d of %d samples correct (correct counts: %s)", out, len(chosen),

@@ -1,6 +1,7 @@
-"""Paired statistics across methods evaluated on the same problems (`dail compare`).
+"""pass@k and its statistics: the unbiased estimator, the bootstrap CI over problems, and the
+paired statistics across methods evaluated on the same problems (`dail compare`).
 
-pass@k of one method comes with a bootstrap CI over problems (`evaluation.bootstrap_ci`). To
+pass@k of one method comes with a bootstrap CI over problems (`bootstrap_ci`). To
 say whether method A beats B, their CIs are the wrong tool: both are evaluated on the same
 problems, and problem difficulty dominates the variance. The paired bootstrap resamples
 *problems* once, shares the resampled index sets across every method of a split, and reports
@@ -14,11 +15,59 @@ the percentile CI of the difference of means:
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
-from dail.evaluation import BOOTSTRAP_CONFIDENCE, BOOTSTRAP_RESAMPLES, pass_at_k
+__all__ = ["pass_at_k", "bootstrap_ci", "ks_for", "resample_indices", "paired_difference", "per_problem_pass",
+           "transitions"]
 
-__all__ = ["resample_indices", "paired_difference", "per_problem_pass", "transitions"]
+BOOTSTRAP_RESAMPLES = 1000
+BOOTSTRAP_CONFIDENCE = 0.95
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples of which c are correct: 1 - C(n-c, k) / C(n, k).
+
+    Computed as 1 - prod_{i=n-c+1}^{n} (1 - k/i), which never forms the huge binomials.
+    (Expand C(n-c,k)/C(n,k) = prod_{j=0}^{k-1} (n-c-j)/(n-j) and cancel: what remains is the
+    product over the c largest denominators.) Worked case: n=16, c=4, k=4 gives
+    1 - (12/16)(11/15)(10/14)(9/13) = 1 - 11880/43680 = 265/364.
+    """
+    if not (n >= 1 and 0 <= c <= n and 1 <= k <= n):
+        raise ValueError(f"pass_at_k: need n >= 1, 0 <= c <= n, 1 <= k <= n; got n={n}, c={c}, k={k}")
+    if n - c < k:  # every k-subset contains a correct sample
+        return 1.0
+    prod = 1.0
+    for i in range(n - c + 1, n + 1):
+        prod *= 1.0 - k / i
+    return 1.0 - prod
+
+
+def bootstrap_ci(values: np.ndarray, resamples: int = BOOTSTRAP_RESAMPLES,
+                 confidence: float = BOOTSTRAP_CONFIDENCE, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Percentile bootstrap CI of the mean over problems.
+
+    values: (P,) or (P, K) per-problem scores. Resamples problems with replacement (the same
+    draws for every column, so curves stay consistent). Returns (low, high), each (K,) or scalar.
+    """
+    v = np.asarray(values, dtype=np.float64)
+    squeeze = v.ndim == 1
+    v = v.reshape(len(v), -1)                                     # (P, K)
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(v), size=(resamples, len(v)))       # (R, P)
+    means = v[idx].mean(axis=1)                                   # (R, K)
+    alpha = (1 - confidence) / 2
+    lo, hi = np.quantile(means, [alpha, 1 - alpha], axis=0)
+    return (lo[0], hi[0]) if squeeze else (lo, hi)
+
+
+def ks_for(n: int, ks: list[int]) -> list[int]:
+    """The requested ks plus every power of two up to n and n itself (for pass@k curves)."""
+    return sorted({int(k) for k in ks} | {2 ** i for i in range(int(math.log2(n)) + 1)} | {n})
+
+
+# ----------------------------------------------------------------------------- paired, across methods
 
 
 def resample_indices(n_problems: int, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> np.ndarray:

@@ -13,7 +13,7 @@ values never see the test problems.
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -22,11 +22,11 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from dail import dist
-from dail.config import EvalConfig, SweepConfig, SynthConfig, TrainConfig, save
+from dail.config import EvalConfig, SweepConfig, SynthConfig, TrainConfig
 from dail.evaluation import evaluate
 from dail.layout import RunFolder, eval_files, shared_synth, synth_files
-from dail.lock import output_lock
-from dail.models import load_adapter_for_inference, load_model, load_tokenizer
+from dail.sampler import open_sampler
+from dail.stages import command_folder, stage_config
 from dail.stats import paired_difference, per_problem_pass, resample_indices
 from dail.synthesis import synthesize
 from dail.training import train_or_reuse
@@ -41,48 +41,35 @@ def _tag(x: float) -> str:
 
 
 def _synth_cfg(cfg: SweepConfig, tau: float) -> SynthConfig:
-    s = copy.deepcopy(cfg.synth)
-    s.model, s.data, s.tau, s.prompts = cfg.model, cfg.data, float(tau), cfg.prompts
-    s.out = str(shared_synth(cfg.out, f"tau{_tag(tau)}"))
-    return s
+    return stage_config(cfg, "synth", data=cfg.data, tau=float(tau), out=str(shared_synth(cfg.out, f"tau{_tag(tau)}")))
 
 
 def _train_cfg(cfg: SweepConfig, tau: float, gamma: float, folder: Path) -> TrainConfig:
-    t = copy.deepcopy(cfg.train)
-    t.model, t.expert, t.gamma, t.prompts = cfg.model, cfg.data, float(gamma), cfg.prompts
-    t.data, t.out = str(shared_synth(cfg.out, f"tau{_tag(tau)}")), str(RunFolder(folder).train)
-    return t
+    return stage_config(cfg, "train", expert=cfg.data, gamma=float(gamma),
+                        data=str(shared_synth(cfg.out, f"tau{_tag(tau)}")), out=str(RunFolder(folder).train))
 
 
 def _eval_cfg(cfg: SweepConfig, folder: Path, adapter: str) -> EvalConfig:
-    e = copy.deepcopy(cfg.eval)
-    e.model, e.adapter, e.out, e.prompts = cfg.model, adapter, str(RunFolder(folder).eval("val")), cfg.prompts
-    e.data = copy.deepcopy(cfg.data)
-    e.data.split, e.data.limit = "val", cfg.val_limit
-    return e
+    val = dataclasses.replace(cfg.data, split="val", limit=cfg.val_limit)
+    return stage_config(cfg, "eval", data=val, adapter=adapter, out=str(RunFolder(folder).eval("val")))
 
 
 def sweep(cfg: SweepConfig) -> Path:
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    rank, _ = dist.world()
-    if rank == 0:
-        save(cfg, out / "config.yaml")
-    with output_lock(out / ".sweep.lock", f"{out}: sweep", rank):
-        tok = load_tokenizer(cfg.model)
-        model = load_model(cfg.model)
-        evaluate(_eval_cfg(cfg, out / "base", ""), model, tok, label="base")
+    with command_folder(cfg, "sweep") as tok:
+        sampler = open_sampler(cfg.model, tokenizer=tok)  # the base model
+        evaluate(_eval_cfg(cfg, out / "base", ""), sampler, tok, label="base")
         for tau in cfg.taus:
-            synthesize(_synth_cfg(cfg, tau), model, tok)
-        del model
+            synthesize(_synth_cfg(cfg, tau), sampler, tok)
+        del sampler
         for tau in cfg.taus:
             for gamma in cfg.gammas:
                 folder = out / f"tau{_tag(tau)}-gamma{_tag(gamma)}"
                 adapter = train_or_reuse(_train_cfg(cfg, tau, gamma, folder))
-                trained = load_adapter_for_inference(load_model(cfg.model), str(adapter))
+                trained = open_sampler(cfg.model, str(adapter), tokenizer=tok)
                 evaluate(_eval_cfg(cfg, folder, str(adapter)), trained, tok, label=folder.name)
                 del trained
-    if rank == 0:
+    if dist.world()[0] == 0:
         write_sweep_report(cfg)
     return out / "report.md"
 

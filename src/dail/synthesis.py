@@ -2,8 +2,8 @@
 
 `synthesize(cfg)` turns an expert set into the synthetic set (docs/design.md "Stage 1"):
 - mixed mode: the student (model on the problem) writes, the teacher (same weights on
-  problem + expert solution) vetoes tokens it finds unlikely (`dail.decoding.decode`, one
-  fused forward over 2B rows per token);
+  problem + expert solution) vetoes tokens it finds unlikely (`Sampler.mixed`; on the HF engine
+  one fused forward over 2B rows per token);
 - direct mode: the teacher alone writes, with a prompt asking for a self-contained solution;
 - star mode: STaR with rationalization (Zelikman et al., 2022), below.
 
@@ -65,7 +65,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import random
 import re
 import time
@@ -81,16 +80,16 @@ from tqdm.auto import tqdm
 from dail import dist
 from dail.config import SynthConfig, check_resumable, save
 from dail.data import DataError, Example, load_examples
-from dail.records import append_record, merge_shards, read_records
-from dail.decoding import decode, generator_for, sample_seed
+from dail.records import append_record, merge_shards, read_records, write_records
+from dail.sampler import Sampler, Sampling, open_sampler, sample_seed
 from dail.grading import grade_many
 from dail.landmarks import extract_landmarks
 from dail.layout import synth_files
 from dail.lock import output_lock
-from dail.models import context_window, load_model, load_tokenizer, model_label
-from dail.prompts import (RATIONALIZATION_PROMPT_VERSION, answer_only_messages, direct_messages, end_of_turn_ids,
-                          load_prompts, rationalization_messages, render, set_thinking, student_messages,
-                          teacher_messages, think_close_ids, thinking_on)
+from dail.models import load_tokenizer, model_label
+from dail.prompts import (RATIONALIZATION_PROMPT_VERSION, answer_only_messages, direct_messages, load_prompts,
+                          rationalization_messages, render, set_thinking, student_messages, teacher_messages,
+                          think_close_ids, thinking_on)
 
 log = logging.getLogger(__name__)
 
@@ -105,15 +104,18 @@ def _landmarks(ex: Example, kind: str) -> tuple[list[str], str]:
     return (ex.landmarks, "expert") if ex.landmarks is not None else (extract_landmarks(ex.solution, kind), kind)
 
 
-def synthesize(cfg: SynthConfig, model: Any = None, tokenizer: Any = None,
+def synthesize(cfg: SynthConfig, sampler: Any = None, tokenizer: Any = None,
                examples: list[Example] | None = None) -> Path:
-    """Write the synthetic set for `cfg` (resuming what is already there); returns its path."""
+    """Write the synthetic set for `cfg` (resuming what is already there); returns its path.
+
+    `sampler`: a `dail.sampler.Sampler`, or a model already loaded, which the engine of
+    cfg.model wraps; otherwise `open_sampler` opens cfg.model."""
     rank, _ = dist.world()
     with output_lock(synth_files(cfg.out)["lock"], f"{cfg.out}: synthesis", rank):
-        return _synthesize(cfg, model, tokenizer, examples)
+        return _synthesize(cfg, sampler, tokenizer, examples)
 
 
-def _synthesize(cfg: SynthConfig, model: Any, tokenizer: Any, examples: list[Example] | None) -> Path:
+def _synthesize(cfg: SynthConfig, sampler: Any, tokenizer: Any, examples: list[Example] | None) -> Path:
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     paths = synth_files(out)
@@ -123,8 +125,38 @@ def _synthesize(cfg: SynthConfig, model: Any, tokenizer: Any, examples: list[Exa
     if rank == 0:
         save(cfg, paths["config"])
     examples = examples if examples is not None else load_examples(cfg.data)  # bad data fails fast
-    prompts = load_prompts(cfg.prompts)
-    if cfg.mode == "star":  # before any model loads
+    _check_examples(cfg, examples)  # before any model loads
+
+    if isinstance(sampler, Sampler) and tokenizer is None:
+        tokenizer = sampler.tokenizer
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.model)
+    set_thinking(tokenizer, cfg.model.thinking)  # every context below opens the thinking block, or none does
+    sampler = open_sampler(cfg.model, model=sampler, tokenizer=tokenizer)
+
+    done, solved = _done(paths, rank, world)
+    mine = dist.shard(examples, rank, world)  # by problem: STaR's second path needs the first's grades
+    my_paths = {name: dist.shard_path(paths[name], rank, world) for name in ("out", "rejected", "skipped")}
+    handles = {name: open(p, "a", encoding="utf-8") for name, p in my_paths.items()}
+    run = _Runner(cfg, sampler, model_label(cfg.model), handles, show=rank == 0 or world == 1)
+    try:
+        _PLANNERS[cfg.mode](run, mine, done, solved)
+    finally:
+        for fh in handles.values():
+            fh.close()
+    if run.shortened:
+        log.info("%d problems had an expert solution too long for the model's window: cut to fit (long_solutions="
+                 "shorten; each record's `shortened` says where)", run.shortened)
+    _write_throughput(out, rank, world, {"rank": rank, "tokens": run.tokens, "decode_seconds": run.seconds})
+    dist.barrier()
+    if rank == 0:
+        _finish(paths, cfg, examples, world)
+    dist.barrier()
+    return out
+
+
+def _check_examples(cfg: SynthConfig, examples: list[Example]) -> None:
+    """Refuse what the mode cannot use, and say how landmarks and grades will be taken."""
+    if cfg.mode == "star":
         _check_answers(examples, cfg.data.source, "mode star needs a gold 'answer' for every problem (each attempt "
                        "is graded against it, and it is the rationalization hint)", "or use mode mixed or direct")
     if cfg.teacher_context == "answer_only":
@@ -138,102 +170,108 @@ def _synthesize(cfg: SynthConfig, model: Any, tokenizer: Any, examples: list[Exa
     if ungraded and cfg.mode != "star":
         log.info("%d of %d problems have no answer (proofs?): their trajectories are kept ungraded (correct: null)%s",
                  ungraded, len(examples), ", whatever keep says" if cfg.keep == "correct" else "")
-    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.model)
-    set_thinking(tokenizer, cfg.model.thinking)  # every context below opens the thinking block, or none does
-    model = model if model is not None else load_model(cfg.model)
-    label = model_label(cfg.model)
 
-    # Resume: everything already written, merged or in this rank's shard, is done. STaR also needs
-    # to know which problems a self attempt already solved (kept records are the correct ones).
-    my_paths = {name: dist.shard_path(paths[name], rank, world) for name in ("out", "rejected", "skipped")}
-    done, solved = set(), set()
+
+def _done(paths: dict[str, Path], rank: int, world: int) -> tuple[set[tuple[str, int]], set[str]]:
+    """Resume: the (id, sample index) pairs already written, merged or in this rank's shards, and
+    the problems a STaR self attempt already solved (kept self records are the correct ones)."""
+    done: set[tuple[str, int]] = set()
+    solved: set[str] = set()
+    files = [(name, p) for name in ("out", "rejected", "skipped")
+             for p in {paths[name], dist.shard_path(paths[name], rank, world)}]
+    for name, p in files + [("unselected", paths["unselected"])]:  # unselected: kept, left out by per_problem
+        records = read_records(p)
+        done |= {_key(r) for r in records}
+        if name in ("out", "unselected"):
+            solved |= {str(r["id"]) for r in records if r.get("star_path") == "self"}
+    return done, solved
+
+
+def _todo(ex: Example, indices: Any, done: set[tuple[str, int]]) -> list[int]:
+    return [i for i in indices if (ex.id, i) not in done]
+
+
+# ----------------------------------------------------------------------------- one planner per mode
+
+def _plan_mixed(run: "_Runner", problems: list[Example], done: set, solved: set) -> None:
+    """The student context proposes, the teacher's (problem + expert solution, or + the answer
+    alone with teacher_context answer_only) vetoes."""
+    cfg, jobs = run.cfg, []
+    for ex in problems:
+        todo = _todo(ex, range(cfg.samples_per_problem), done)
+        if not todo:
+            continue
+        student = run.render(student_messages(ex.problem, run.prompts))
+        if cfg.teacher_context == "answer_only":  # no solution in any context: nothing to cut
+            teacher = run.render(answer_only_messages(ex.problem, ex.answer, run.prompts))
+            if run.fits(ex, todo, [student, teacher]):
+                jobs += [_Job(ex, i, student, teacher) for i in todo]
+            continue
+        fitted = run.fit_solution(ex, todo, student, lambda sol, ex=ex: run.render(
+            teacher_messages(ex.problem, sol, ex.answer, run.prompts)))
+        if fitted is not None:
+            ex, teacher, cut = fitted
+            jobs += [_Job(ex, i, student, teacher, shortened=cut) for i in todo]
+    run(jobs, "student", f"mixed, tau={cfg.tau}")
+
+
+def _plan_direct(run: "_Runner", problems: list[Example], done: set, solved: set) -> None:
+    """The model given problem + expert solution writes alone, asked for a self-contained solution."""
+    cfg, jobs = run.cfg, []
+    for ex in problems:
+        todo = _todo(ex, range(cfg.samples_per_problem), done)
+        if not todo:
+            continue
+        fitted = run.fit_solution(ex, todo, None, lambda sol, ex=ex: run.render(
+            direct_messages(ex.problem, sol, ex.answer, run.prompts)))
+        if fitted is not None:
+            ex, prompt, cut = fitted
+            jobs += [_Job(ex, i, prompt, shortened=cut) for i in todo]
+    run(jobs, "teacher", "direct")
+
+
+def _plan_star(run: "_Runner", problems: list[Example], done: set, solved: set) -> None:
+    """STaR: attempts on the plain problem, then rationalizations of the problems none solved."""
+    cfg, jobs = run.cfg, []
+    for ex in problems:  # path 1: the model alone, on the plain problem
+        todo = _todo(ex, range(cfg.samples_per_problem), done)
+        prompt = run.render(student_messages(ex.problem, run.prompts)) if todo else []
+        if todo and run.fits(ex, todo, [prompt], "self"):
+            jobs += [_Job(ex, i, prompt, star_path="self") for i in todo]
+    solved = solved | {r["id"] for r in run(jobs, "student", "star, self") if r["correct"]}
+    jobs = []
+    first = cfg.STAR_RATIONALIZED_FROM
+    for ex in problems:  # path 2: problems no self attempt solved, with the answer as a hint
+        todo = _todo(ex, range(first, first + cfg.rationalization_samples), done)
+        if ex.id in solved or not todo:
+            continue
+        prompt = run.render(rationalization_messages(ex.problem, ex.answer, run.prompts))
+        if run.fits(ex, todo, [prompt], "rationalized"):
+            jobs += [_Job(ex, i, prompt, star_path="rationalized") for i in todo]
+    run(jobs, "teacher", "star, rationalized")
+
+
+_PLANNERS = {"mixed": _plan_mixed, "direct": _plan_direct, "star": _plan_star}
+
+
+def _finish(paths: dict[str, Path], cfg: SynthConfig, examples: list[Example], world: int) -> None:
+    """Rank 0, after every rank decoded: merge the shards, apply per_problem, write the statistics."""
+    out = paths["out"]
     for name in ("out", "rejected", "skipped"):
-        for p in {paths[name], my_paths[name]}:
-            records = read_records(p)
-            done |= {_key(r) for r in records}
-            if name == "out":
-                solved |= {str(r["id"]) for r in records if r.get("star_path") == "self"}
-    unselected = read_records(paths["unselected"])  # kept, but left out of the training set by per_problem
-    done |= {_key(r) for r in unselected}
-    solved |= {str(r["id"]) for r in unselected if r.get("star_path") == "self"}
-
-    mine = dist.shard(examples, rank, world)  # by problem: STaR's second path needs the first's grades
-    handles = {name: open(p, "a", encoding="utf-8") for name, p in my_paths.items()}
-    run = _Runner(cfg, model, tokenizer, label, handles, end_of_turn_ids(tokenizer), context_window(model),
-                  show=rank == 0 or world == 1)
-    try:
-        if cfg.mode == "star":
-            jobs = []
-            for ex in mine:  # path 1: the model alone, on the plain problem
-                todo = [i for i in range(cfg.samples_per_problem) if (ex.id, i) not in done]
-                if not todo:
-                    continue
-                prompt = render(tokenizer, student_messages(ex.problem, prompts))
-                if run.fits(ex, todo, [prompt], "self"):
-                    jobs += [_Job(ex, i, prompt, star_path="self") for i in todo]
-            solved |= {r["id"] for r in run(jobs, "student", "star, self") if r["correct"]}
-            jobs = []
-            for ex in mine:  # path 2: problems no self attempt solved, with the answer as a hint
-                first = cfg.STAR_RATIONALIZED_FROM
-                todo = [first + j for j in range(cfg.rationalization_samples) if (ex.id, first + j) not in done]
-                if ex.id in solved or not todo:
-                    continue
-                prompt = render(tokenizer, rationalization_messages(ex.problem, ex.answer, prompts))
-                if run.fits(ex, todo, [prompt], "rationalized"):
-                    jobs += [_Job(ex, i, prompt, star_path="rationalized") for i in todo]
-            run(jobs, "teacher", "star, rationalized")
-        else:
-            jobs = []
-            for ex in mine:
-                todo = [i for i in range(cfg.samples_per_problem) if (ex.id, i) not in done]
-                if not todo:
-                    continue
-                prompt = render(tokenizer, student_messages(ex.problem, prompts)) if cfg.mode == "mixed" else None
-                if cfg.teacher_context == "answer_only":  # no solution in any context: nothing to cut
-                    teacher = render(tokenizer, answer_only_messages(ex.problem, ex.answer, prompts))
-                    if run.fits(ex, todo, [prompt, teacher]):
-                        jobs += [_Job(ex, i, prompt, teacher) for i in todo]
-                    continue
-                # The context that holds the expert solution (the teacher's, or direct mode's only one)
-                # is built from a solution, so that an over-long one can be cut to fit.
-                messages = teacher_messages if cfg.mode == "mixed" else direct_messages
-                fitted = run.fit_solution(ex, todo, prompt, lambda sol, ex=ex, m=messages: render(
-                    tokenizer, m(ex.problem, sol, ex.answer, prompts)))
-                if fitted is not None:
-                    ex, solution_prompt, cut = fitted
-                    jobs += [_Job(ex, i, prompt, solution_prompt, shortened=cut) if prompt is not None
-                             else _Job(ex, i, solution_prompt, shortened=cut) for i in todo]
-            run(jobs, "student" if cfg.mode == "mixed" else "teacher",
-                f"{cfg.mode}, tau={cfg.tau}" if cfg.mode == "mixed" else cfg.mode)
-    finally:
-        for fh in handles.values():
-            fh.close()
-    n_tokens, t_decode = run.tokens, run.seconds
-    if run.shortened:
-        log.info("%d problems had an expert solution too long for the model's window: cut to fit (long_solutions="
-                 "shorten; each record's `shortened` says where)", run.shortened)
-
-    throughput = {"rank": rank, "tokens": n_tokens, "decode_seconds": t_decode}
-    _write_throughput(out, rank, world, throughput)
-    dist.barrier()
-    if rank == 0:
-        for name in ("out", "rejected", "skipped"):
-            merge_shards(paths[name], world, key=_key)
-        apply_per_problem(paths, cfg, [ex.id for ex in examples])
-        kept, rejected = read_records(out), read_records(paths["rejected"])
-        unselected = read_records(paths["unselected"])
-        fractions = student_fractions(kept + unselected + rejected)
-        skipped = read_records(paths["skipped"])
-        stats = compute_stats(kept, rejected, len(skipped), fractions, out, cfg, unselected)
-        if cfg.mode == "star":
-            stats["star"] = star_stats([ex.id for ex in examples], kept + unselected, rejected, skipped)
-        paths["stats"].write_text(json.dumps(stats, indent=2), encoding="utf-8")
-        plot_student_fraction(fractions, paths["histogram"], cfg)
-        for p in out.parent.glob("throughput.rank*.json"):
-            p.unlink()
-        log.info("synthetic set: %s (%s)", out, _summary_line(stats))
-    dist.barrier()
-    return out
+        merge_shards(paths[name], world, key=_key)
+    apply_per_problem(paths, cfg, [ex.id for ex in examples])
+    kept, rejected = read_records(out), read_records(paths["rejected"])
+    unselected = read_records(paths["unselected"])
+    fractions = student_fractions(kept + unselected + rejected)
+    skipped = read_records(paths["skipped"])
+    stats = compute_stats(kept, rejected, len(skipped), fractions, out, cfg, unselected)
+    if cfg.mode == "star":
+        stats["star"] = star_stats([ex.id for ex in examples], kept + unselected, rejected, skipped)
+    paths["stats"].write_text(json.dumps(stats, indent=2), encoding="utf-8")
+    plot_student_fraction(fractions, paths["histogram"], cfg)
+    for p in out.parent.glob("throughput.rank*.json"):
+        p.unlink()
+    log.info("synthetic set: %s (%s)", out, _summary_line(stats))
 
 
 def _check_answers(examples: list[Example], source: str, why: str, instead: str) -> None:
@@ -261,16 +299,20 @@ class _Job:
 class _Runner:
     """Decodes jobs in batches, grades them and appends one record per job to this rank's files."""
 
-    def __init__(self, cfg: SynthConfig, model: Any, tokenizer: Any, label: str, handles: dict, stop_ids: list[int],
-                 window: int, show: bool) -> None:
-        self.cfg, self.model, self.tokenizer, self.label, self.handles = cfg, model, tokenizer, label, handles
-        self.stop_ids, self.window, self.show = stop_ids, window, show
+    def __init__(self, cfg: SynthConfig, sampler: Sampler, label: str, handles: dict, show: bool) -> None:
+        self.cfg, self.sampler, self.label, self.handles, self.show = cfg, sampler, label, handles, show
+        self.tokenizer = tokenizer = sampler.tokenizer
+        self.window = sampler.window
+        self.sampling = Sampling.of(cfg)
         self.prompts = load_prompts(cfg.prompts)
         # Thinking on: trajectories are written inside the thinking block, so its closing tag is never drawn.
         self.thinking = thinking_on(tokenizer)
         self.banned = think_close_ids(tokenizer) if self.thinking else None
         self.tokens, self.seconds = 0, 0.0  # throughput over every call
         self.shortened = 0  # problems whose expert solution was cut to fit the window, this run
+
+    def render(self, messages: list[dict]) -> list[int]:
+        return render(self.tokenizer, messages)
 
     def fits(self, ex: Example, todo: list[int], prompts: list[list[int]], star_path: str | None = None) -> bool:
         """Whether the longest of `prompts` plus max_new_tokens fits the model's window; if not,
@@ -317,19 +359,18 @@ class _Runner:
         bar = tqdm(total=len(jobs), desc=f"synth ({desc})", unit="traj", disable=not self.show)
         for start in range(0, len(jobs), cfg.batch_size):
             batch = jobs[start:start + cfg.batch_size]
-            mixed = batch[0].teacher_prompt is not None
+            seeds = [sample_seed(cfg.seed, j.ex.id, j.index) for j in batch]
             t0 = time.perf_counter()
-            decoded = decode(
-                self.model, [j.prompt for j in batch],
-                teacher_prompts=[j.teacher_prompt for j in batch] if mixed else None,
-                tau=cfg.tau, writer=writer, generators=[generator_for(cfg.seed, j.ex.id, j.index) for j in batch],
-                max_new_tokens=cfg.max_new_tokens, stop_ids=self.stop_ids, pad_id=tok.pad_token_id,
-                temperature=cfg.temperature, top_p=cfg.top_p, presence_penalty=cfg.presence_penalty,
-                frequency_penalty=cfg.frequency_penalty, banned_ids=self.banned)
+            if batch[0].teacher_prompt is not None:
+                decoded = self.sampler.mixed([j.prompt for j in batch], [j.teacher_prompt for j in batch], seeds,
+                                             self.sampling, cfg.tau, banned_ids=self.banned)
+            else:
+                decoded = self.sampler.sample([j.prompt for j in batch], seeds, self.sampling, banned_ids=self.banned,
+                                              writer=writer)
             self.seconds += time.perf_counter() - t0
             texts = [tok.decode(d.tokens, skip_special_tokens=True) for d in decoded]
             grades = _grade(texts, [j.ex.answer for j in batch], cfg.grade_timeout)
-            for j, d, text, correct in zip(batch, decoded, texts, grades):
+            for j, d, text, correct, seed in zip(batch, decoded, texts, grades, seeds):
                 self.tokens += len(d.tokens)
                 marks, marks_kind = _landmarks(j.ex, cfg.landmarks)
                 record = j.ex.to_dict() | {
@@ -339,11 +380,11 @@ class _Runner:
                     "finish_reason": d.finish_reason, "mode": cfg.mode, "tau": cfg.tau,
                     "temperature": cfg.temperature, "top_p": cfg.top_p, "thinking": self.thinking,
                     "presence_penalty": cfg.presence_penalty, "frequency_penalty": cfg.frequency_penalty,
-                    "seed": sample_seed(cfg.seed, j.ex.id, j.index), "sample_index": j.index, "model": self.label,
+                    "seed": seed, "sample_index": j.index, "model": self.label,
                     "prompt_version": self.prompts.version, "prompt_hash": self.prompts.hash, "correct": correct,
                 }
-                if cfg.mode != "star":  # training builds the teacher's context from it
-                    record["teacher_context"] = cfg.teacher_context
+                if cfg.mode != "star":  # training builds the teacher's context from it: the one that wrote it
+                    record["teacher_context"] = "direct" if cfg.mode == "direct" else cfg.teacher_context
                 if j.star_path:
                     record["star_path"] = j.star_path
                 if j.shortened:
@@ -467,11 +508,7 @@ def apply_per_problem(paths: dict[str, Path], cfg: SynthConfig, order: list[str]
         if not records and path == aside:
             path.unlink(missing_ok=True)
             continue
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as fh:
-            for r in records:
-                fh.write(json.dumps(r, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
+        write_records(path, records)
     log.info("per_problem=%s: %d of %d kept trajectories form the training set (%d problems); the other %d are in %s",
              cfg.per_problem, len(chosen), len(pool), len({str(r["id"]) for r in chosen}), len(left), aside.name)
 

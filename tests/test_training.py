@@ -572,3 +572,31 @@ def test_precision_bf16_runs_under_autocast_near_fp32_and_refuses_where_unsuppor
     with pytest.raises(ConfigError, match="precision.*no bf16 kernels"):
         training.train(_cfg(tiny_dir, synth, tmp_path / "refused", precision="bf16", max_steps=1))
     assert not (tmp_path / "refused" / "adapter").exists()
+
+
+def test_direct_mode_trajectories_train_against_the_context_that_wrote_them(tiny_dir, tiny_tok, tmp_path):
+    """A direct-mode trajectory was written by the model given the `direct` text (problem + expert
+    solution, asked for a self-contained solution). With one context for writing and for the KL
+    target (the paper's tau = 1 case), training's teacher context is that same text; a mixed-mode
+    record keeps the teacher text. Until this was fixed, every record got the teacher text."""
+    from dail.config import SynthConfig
+    from dail.prompts import direct_messages, render, teacher_messages
+    from dail.synthesis import synthesize
+    from dail.training import build_sequences
+
+    experts = tmp_path / "experts.jsonl"
+    with open(experts, "w", encoding="utf-8") as fh:
+        for i, (problem, solution, _) in enumerate(PROBLEMS[:2]):
+            fh.write(json.dumps({"id": f"p{i}", "problem": problem, "solution": solution,
+                                 "answer": solution.split()[-1]}) + "\n")
+    model = ModelConfig(name=str(tiny_dir), device="cpu")
+    for mode, messages in (("direct", direct_messages), ("mixed", teacher_messages)):
+        out = synthesize(SynthConfig(model=model, data=DataConfig(source=str(experts)), mode=mode, max_new_tokens=4,
+                                     samples_per_problem=1, out=str(tmp_path / mode / "synthetic.jsonl")))
+        seqs = build_sequences(_cfg(tiny_dir, out, tmp_path / f"train-{mode}"), tiny_tok)
+        assert len(seqs) == 2
+        for s, (problem, solution, _) in zip(seqs, PROBLEMS):
+            want = render(tiny_tok, messages(problem, solution, solution.split()[-1]))
+            assert s.contexts["teacher"] == want, mode
+        assert seqs[0].contexts["teacher"] != render(tiny_tok, (teacher_messages if mode == "direct" else
+                                                                direct_messages)(PROBLEMS[0][0], PROBLEMS[0][1], "7"))

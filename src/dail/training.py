@@ -23,6 +23,7 @@ checkpoints (checkpoint.py), and a stop on non-finite loss that keeps the last g
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -48,7 +49,7 @@ from dail.layout import finished_adapter, train_files
 from dail.lock import output_lock
 from dail.losses import OBJECTIVES, LossSums, chunked_loss
 from dail.models import attach_lora, load_model, load_tokenizer, model_label
-from dail.prompts import (TEACHER_CONTEXTS, Prompts, end_of_turn_id, load_prompts, negative_messages, render,
+from dail.prompts import (RECORD_CONTEXTS, Prompts, end_of_turn_id, load_prompts, negative_messages, render,
                           student_messages, teacher_context, thinking_on)
 from dail.records import read_records
 from dail.reference import (Batch, Sequence, build_ref_cache, cached_refs, collate, lm_head_params, reference_hidden,
@@ -99,15 +100,18 @@ def _landmarks(path: str, i: int, rec: dict) -> tuple[list[str], str | None]:
 def _check_contexts(path: str, i: int, rec: dict, prompts: Prompts, teacher: bool) -> str:
     """The record's teacher context (solution if absent), checked against what training renders:
     the record's prompt_hash (absent in records made before prompt files: tolerated) must be the
-    hash of training's prompt texts, and an answer_only teacher needs the record's answer."""
+    hash of training's prompt texts, and an answer_only teacher needs the record's answer. A
+    direct-mode record's context is the direct text, whatever its teacher_context says."""
     made_with = rec.get("prompt_hash")
     if made_with is not None and made_with != prompts.hash:
         raise DataError(f"{path}: record {i}: field 'prompt_hash': {made_with!r}, but training renders its contexts "
                         f"with {prompts.source or 'the built-in prompts'} (hash {prompts.hash!r}); set prompts to the "
                         "prompt file synthesis used")
-    kind = rec.get("teacher_context", "solution")
-    if kind not in TEACHER_CONTEXTS:
-        raise DataError(f"{path}: record {i}: field 'teacher_context': expected {'|'.join(TEACHER_CONTEXTS)}, "
+    # A direct-mode trajectory trains against the direct text that wrote it (records written before
+    # this rule say teacher_context solution; their mode decides).
+    kind = "direct" if rec.get("mode") == "direct" else rec.get("teacher_context", "solution")
+    if kind not in RECORD_CONTEXTS:
+        raise DataError(f"{path}: record {i}: field 'teacher_context': expected {'|'.join(RECORD_CONTEXTS)}, "
                         f"got {kind!r}")
     if teacher and kind == "answer_only" and not str(rec.get("answer") or "").strip():
         raise DataError(f"{path}: record {i}: field 'answer': the teacher context is answer_only (the problem and "
@@ -245,8 +249,7 @@ def train_or_reuse(cfg: TrainConfig) -> Path:
     if adapter is not None:
         log.info("%s already holds a finished adapter; not retraining", cfg.out)
         return adapter
-    cfg.resume = cfg.resume or Path(cfg.out).exists()
-    return train(cfg)
+    return train(dataclasses.replace(cfg, resume=cfg.resume or Path(cfg.out).exists()))
 
 
 def _refuse_to_replace(cfg: TrainConfig, accelerator: Any) -> None:

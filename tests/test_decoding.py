@@ -102,6 +102,22 @@ def test_top_p_keeps_smallest_nucleus():
     assert torch.equal(sampling_probs(logits, 0.0, 1.0), torch.tensor([[1.0, 0, 0, 0]]))
 
 
+def test_top_p_from_the_top_k_equals_the_full_sort_bit_for_bit():
+    def full_sort(logits, temperature, top_p):  # the definition: sort the whole vocabulary
+        probs = torch.softmax(logits.float() / temperature, dim=-1)
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        drop = torch.zeros_like(sorted_p, dtype=torch.bool).scatter(-1, order, (sorted_p.cumsum(-1) - sorted_p) >= top_p)
+        probs = probs.masked_fill(drop, 0.0)
+        return probs / probs.sum(-1, keepdim=True)
+
+    g = torch.Generator().manual_seed(0)
+    peaked = torch.randn(16, 5000, generator=g) * 6  # nucleus inside the first 64 tokens
+    flat = torch.randn(16, 5000, generator=g) * 0.5  # nucleus of thousands: the candidate set must grow
+    for logits in (peaked, flat, torch.cat([peaked, flat])):
+        for top_p in (0.5, 0.9, 0.95, 0.999):
+            assert torch.equal(sampling_probs(logits, 0.6, top_p), full_sort(logits, 0.6, top_p)), top_p
+
+
 def test_split_prefill_equals_joint_prefill(tiny):
     """Student and teacher rows prefilled separately and stacked == one joint left-padded prefill."""
     from dail.decoding import _prefill
@@ -134,6 +150,22 @@ def test_plain_sampling_records_the_writers_probabilities(tiny):
             logits = model(torch.tensor([s[0] + r.tokens[:i]])).logits[0, -1]
             assert abs(r.p_teacher[i] - logits.softmax(-1)[t].item()) < 1e-5
             assert abs(r.p_student[i] - (logits / 0.7).softmax(-1)[t].item()) < 1e-5 and r.q[i] == r.p_student[i]
+
+
+
+def test_entropy_is_the_models_temperature_one_entropy_where_it_wrote_and_changes_no_token(tiny):
+    model, tok = tiny
+    s = _prompts(tok, PROBLEMS[:2])
+    kw = dict(max_new_tokens=6, stop_ids=[2], pad_id=0, temperature=0.7, top_p=0.9, presence_penalty=1.5)
+    plain = decode(model, s, generators=_gens(2), **kw)
+    withh = decode(model, s, generators=_gens(2), entropy=True, **kw)
+    assert [r.tokens for r in withh] == [r.tokens for r in plain] and not plain[0].entropy
+    with torch.no_grad():
+        for row, r in zip(s, withh):
+            assert len(r.entropy) == len(r.tokens)
+            for i in range(len(r.tokens)):
+                p = model(torch.tensor([row + r.tokens[:i]])).logits[0, -1].float().softmax(-1)
+                assert abs(r.entropy[i] - float(-(p * p.clamp_min(1e-30).log()).sum())) < 1e-4
 
 
 # ----------------------------------------------------------------------------- penalties and banned tokens

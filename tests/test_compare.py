@@ -11,6 +11,7 @@ from dail.cli import main
 from dail.compare import method_runs, split_data
 from dail.config import CompareConfig, ConfigError, build
 from dail.data import load_examples
+from dail.records import read_records
 from dail.stats import paired_difference, per_problem_pass, resample_indices, transitions
 
 
@@ -75,7 +76,7 @@ def test_compare_tiny_end_to_end_and_resume(tiny_dir, tmp_path):
     comp = json.loads((out / "comparison.json").read_text())
     far = comp["splits"]["far"]
     assert far["n_problems"] == 2 and set(far["runs"]) == {"base", "sft", "nll", "dail", "dail-s1"}
-    assert set(far["runs"]["dail"]["vs"]) == {"base", "nll"} and "vs" in far["runs"]["base"]
+    assert set(far["runs"]["dail"]["vs"]) == {"base", "nll"} and set(far["runs"]["nll"]["vs"]) == {"base", "dail"}
     # The paired difference equals a hand computation from the two summaries' per-problem counts.
     base = json.loads((out / "base" / "eval" / "far" / "summary.json").read_text())
     sft = json.loads((out / "sft" / "eval" / "far" / "summary.json").read_text())
@@ -139,3 +140,45 @@ def test_sweep_config_needs_its_default_in_the_grid():
         build(SweepConfig, None, {"taus": "0.6,0.9"})
     with pytest.raises(ConfigError, match="default_gamma"):
         build(SweepConfig, None, {"gammas": "0,0.3"})
+
+
+def test_compare_selects_its_training_problems_measures_the_teachers_ceiling_and_trains_the_forward_kl(
+        tiny_dir, tmp_path):
+    import yaml
+
+    out = tmp_path / "cmp"
+    argv = ["compare", "--out", str(out), "--model.name", str(tiny_dir), "--model.device", "cpu",
+            "--data.test_fraction", "0.96", "--data.instances", "2",  # 3 training templates x 2 instances
+            "--near_instances", "2", "--near_limit", "3", "--select_n", "2", "--train_eval_limit", "2",
+            "--ceiling", "true", "--methods", "base,dail_forward", "--splits", "train,near",
+            "--synth.max_new_tokens", "8", "--synth.samples_per_problem", "1",
+            "--train.epochs", "1", "--train.batch_size", "2", "--train.micro_batch_size", "1",
+            "--train.report_to", "none", "--train.max_length", "4096",
+            "--eval.n", "2", "--eval.ks", "1,2", "--eval.max_new_tokens", "8"]
+    assert main(argv) == 0
+    data = build(CompareConfig, None, {"data.test_fraction": 0.96, "data.instances": 2, "near_instances": 2,
+                                       "near_limit": 3})
+    problems = load_examples(data.data)
+    assert len(problems) == 6 and len({e.meta["template"] for e in problems}) == 3  # 1 of the 4 is validation
+    # The selection: the base model's samples at n = select_n, a draw apart from the evaluations' seed.
+    chosen = read_records(out / "select" / "experts.jsonl")
+    assert [r["id"] for r in chosen] == [e.id for e in problems]  # the tiny model fails every one
+    assert all(r["meta"]["selected"]["n"] == 2 and r["meta"]["selected"]["correct"] == 0 for r in chosen)
+    assert yaml.safe_load((out / "select" / "eval" / "config.yaml").read_text())["seed"] == 1235
+    # Every method trains on the selected set; the train split evaluates its first train_eval_limit.
+    synth = read_records(out / "data" / "mixed" / "synthetic.jsonl")
+    assert sorted({r["id"] for r in synth}) == sorted(r["id"] for r in chosen)
+    for folder in ("base", "dail_forward"):
+        train = json.loads((out / folder / "eval" / "train" / "summary.json").read_text())
+        assert list(train["per_problem_correct"]) == [r["id"] for r in chosen[:2]]
+    forward = yaml.safe_load((out / "dail_forward" / "train" / "config.yaml").read_text())
+    assert forward["loss"] == "contrastive_forward" and forward["gamma"] == 0.1 and forward["neg_cap"] == 1.0
+    # The teacher's ceiling: the base model shown problem and solution, on the train split.
+    ceiling = json.loads((out / "ceiling" / "eval" / "train" / "summary.json").read_text())
+    assert ceiling["context"] == "teacher" and ceiling["n_problems"] == 2
+    # Near transfer: new instances of the training templates, balanced over them.
+    near = json.loads((out / "base" / "eval" / "near" / "summary.json").read_text())
+    near_problems = load_examples(split_data(data, "near"))
+    assert list(near["per_problem_correct"]) == [e.id for e in near_problems] and len(near_problems) == 3
+    assert {e.meta["template"] for e in near_problems} <= {e.meta["template"] for e in problems}
+    assert not {e.problem for e in near_problems} & {e.problem for e in problems}

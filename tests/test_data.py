@@ -122,6 +122,27 @@ def test_gsm_instance_seed_gives_new_instances_of_the_same_templates():
     assert sum(x.problem != y.problem for x, y in zip(a, b)) >= 6  # a few templates have one instance only
 
 
+def test_gsm_instances_are_new_problems_of_the_same_templates_balanced_under_a_limit():
+    from dail.config import ConfigError, DataConfig
+
+    one = load_examples(DataConfig(source="gsm-symbolic", limit=5))
+    many = load_examples(DataConfig(source="gsm-symbolic", limit=5, instances=3))
+    assert many == one  # the first instances come first, unchanged
+    per = {}
+    for e in load_examples(DataConfig(source="gsm-symbolic", split="train", val_fraction=0.2, instances=3,
+                                      limit=100)):
+        per.setdefault(e.meta["template"], []).append(e)
+    assert len(per) == 40 and all(2 <= len(v) <= 3 for v in per.values())  # balanced: 100 = 40 + 40 + 20
+    ids = [e.id for v in per.values() for e in v]
+    assert len(set(ids)) == len(ids)
+    for v in per.values():
+        assert len({e.problem for e in v}) == len(v)  # no instance repeats another of its template
+        assert v[0].id == f"gsm-{v[0].meta['template']}" and all(e.id.endswith(f"-i{e.meta['instance_index']}")
+                                                                 for e in v[1:])
+    with pytest.raises(ConfigError, match=r"'data.instances': instances are generated from templates"):
+        DataConfig(source="champ", instances=2)
+
+
 # ----------------------------------------------------------------------------- released layouts, proofs
 
 FIXTURES = __import__("pathlib").Path(__file__).parent / "fixtures"

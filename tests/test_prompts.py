@@ -172,7 +172,7 @@ def test_every_command_takes_prompts(command, tmp_path):
 
 
 def test_run_compare_and_sweep_set_every_stage_prompts(tmp_path):
-    from dail import compare, grpo, pipeline, sweep
+    from dail import compare, pipeline, sweep
 
     path = write(tmp_path, "mine.yaml", {"version": "mine-v1", "teacher": "T {problem} {solution}"})
     for command in ("run", "compare", "sweep"):  # owned by the command: no stage flag, no stage YAML key
@@ -190,7 +190,7 @@ def test_run_compare_and_sweep_set_every_stage_prompts(tmp_path):
         ["answer_only", "solution", "solution"]
     assert compare._train_cfg(cmp, "dail", 0, tmp_path / "d").prompts == path
     assert compare._eval_cfg(cmp, "train", tmp_path / "d", "").prompts == path
-    assert grpo.config_for_compare(cmp, "nurl", 0, tmp_path / "n").prompts == path
+    assert compare._grpo_cfg(cmp, "nurl", 0, tmp_path / "n").prompts == path
     sw = build(SweepConfig, None, {"prompts": path})
     assert sweep._synth_cfg(sw, 0.3).prompts == sweep._train_cfg(sw, 0.3, 0.1, tmp_path / "s").prompts == path
     assert sweep._eval_cfg(sw, tmp_path / "s", "").prompts == path

@@ -276,6 +276,31 @@ def test_per_problem_reshapes_one_synthesis_run_without_decoding_again(tiny_dir,
     assert read_records(out) == full and not out.with_name("synthetic.unselected.jsonl").exists()
 
 
+def test_rounds_stop_at_the_first_correct_and_give_the_same_training_set(tiny_dir, tmp_path, monkeypatch):
+    import zlib
+
+    from dail import synthesis
+    from dail.config import ConfigError
+
+    monkeypatch.setattr(synthesis, "grade_many",
+                        lambda texts, golds, timeout, **kw: [zlib.crc32(t.encode()) % 3 == 0 for t in texts])
+    whole = read_records(synthesize(_cfg(tiny_dir, tmp_path / "whole", samples_per_problem=4, per_problem="first",
+                                         keep="correct")))
+    out = synthesize(_cfg(tiny_dir, tmp_path / "rounds", samples_per_problem=4, per_problem="first", keep="correct",
+                          round_size=1))
+    assert _by_key(read_records(out)) == _by_key(whole)  # the same first correct trajectory per problem
+    decoded = read_records(out) + read_records(out.with_name("synthetic.rejected.jsonl"))
+    for r in whole:  # nothing sampled past a problem's first correct trajectory ...
+        assert max(x["sample_index"] for x in decoded if x["id"] == r["id"]) == r["sample_index"]
+    unsolved = {f"p{i}" for i in range(6)} - {r["id"] for r in whole}
+    assert all(sum(x["id"] == pid for x in decoded) == 4 for pid in unsolved)  # ... and all of it where none is
+    stats = json.loads((out.parent / "stats.json").read_text())["rounds"]
+    assert stats["trajectories_decoded"] == len(decoded) < stats["without_rounds"] == 24
+    assert stats["saved_fraction"] == pytest.approx(1 - len(decoded) / 24)
+    with pytest.raises(ConfigError, match="'round_size': rounds stop at a problem's first correct"):
+        SynthConfig(round_size=2)  # per_problem all keeps every trajectory: nothing to stop at
+
+
 def test_new_settings_are_checked():
     from dail.config import ConfigError, resume_keys
 

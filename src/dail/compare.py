@@ -33,11 +33,13 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from dail import dist
-from dail.config import CompareConfig, DataConfig, EvalConfig, SynthConfig, TrainConfig
+from dail.config import CompareConfig, ConfigError, DataConfig, EvalConfig, GRPOConfig, SelectConfig, SynthConfig, TrainConfig
+from dail.data import load_problems
 from dail.evaluation import evaluate
 from dail.layout import RunFolder, eval_files, finished_adapter, shared_synth, synth_files
 from dail.records import read_records
-from dail.sampler import open_sampler
+from dail.sampler import open_sampler, with_dtype
+from dail.select import select
 from dail.stages import command_folder, stage_config
 from dail.stats import BOOTSTRAP_RESAMPLES, paired_difference, per_problem_pass, resample_indices, transitions
 from dail.synthesis import synthesize
@@ -55,6 +57,7 @@ METHODS: dict[str, dict[str, Any]] = {
     "nll": {"synth": "mixed", "loss": "nll", "label": "NLL (mixed trajectories)"},
     "dail": {"synth": "mixed", "loss": "contrastive", "label": "DAIL (mixed)"},
     "dail_direct": {"synth": "direct", "loss": "contrastive", "label": "DAIL (direct)"},
+    "dail_forward": {"synth": "mixed", "loss": "contrastive_forward", "label": "DAIL (mixed, forward KL)"},
     "star": {"synth": "star", "loss": "nll", "label": "STaR (rationalization)"},
     "grpo": {"synth": None, "loss": "grpo", "label": "GRPO"},
     "nurl": {"synth": None, "loss": "grpo", "label": "NuRL (GRPO + self hints)"},
@@ -63,14 +66,58 @@ METHODS: dict[str, dict[str, Any]] = {
 
 def split_data(cfg: CompareConfig, split: str) -> DataConfig:
     """The DataConfig of one evaluation split, cut from `cfg.data` by the same rule."""
+    if split == "train":
+        d = training_data(cfg)
+        return dataclasses.replace(d, limit=cfg.train_eval_limit) if cfg.train_eval_limit else d
     d = copy.deepcopy(cfg.data)
     if split == "near":
         d.instance_seed = cfg.near_instance_seed
+        d.instances, d.limit = cfg.near_instances or d.instances, cfg.near_limit or d.limit
     elif split == "far":
-        d.split, d.limit = "test", cfg.test_limit
+        d.split, d.limit, d.instances = "test", cfg.test_limit, 1
     elif split == "val":
-        d.split, d.limit = "val", cfg.val_limit
+        d.split, d.limit, d.instances = "val", cfg.val_limit, 1
     return d
+
+
+def check_near(cfg: CompareConfig) -> None:
+    """Near transfer is new instances of the training templates: refuse a near split that reaches
+    other templates (a near_limit past what data covers), and warn about instances that repeat a
+    training problem word for word (a template with few valid draws)."""
+    if "near" not in cfg.splits or cfg.data.source != "gsm-symbolic":
+        return
+    train, near = load_problems(cfg.data), load_problems(split_data(cfg, "near"))
+    templates = {ex.meta["template"] for ex in train}
+    stray = sorted({ex.meta["template"] for ex in near} - templates)
+    if stray:
+        raise ConfigError(f"config field 'near_limit': the near split reaches {len(stray)} templates that are not among "
+                          f"the training problems' (e.g. {stray[0]}); lower near_limit or raise data.limit")
+    texts = {ex.problem for ex in train}
+    repeated = sum(ex.problem in texts for ex in near)
+    if repeated:
+        log.warning("near split: %d of %d problems repeat a training problem word for word", repeated, len(near))
+
+
+def training_data(cfg: CompareConfig) -> DataConfig:
+    """The problems every method trains on: `cfg.data`, or with select_n the ones the base model failed."""
+    return DataConfig(source=str(_selected(cfg))) if cfg.select_n else cfg.data
+
+
+def _selected(cfg: CompareConfig) -> Path:
+    return Path(cfg.out) / "select" / "experts.jsonl"
+
+
+def _select(cfg: CompareConfig, sampler: Any, tok: Any) -> None:
+    """The paper's pick: evaluate the base model select_n times per problem of `cfg.data` and keep
+    the problems it solved at most select_max_correct times (`dail select`)."""
+    out = _selected(cfg)
+    folder = out.parent / "eval"
+    e = stage_config(cfg, "eval", data=cfg.data, adapter="", out=str(folder))
+    e = dataclasses.replace(e, n=cfg.select_n, ks=[1], seed=cfg.eval.seed + 1)  # a draw apart from the evaluations
+    evaluate(e, sampler, tok, label="base (selection)")
+    if dist.world()[0] == 0:
+        select(SelectConfig(eval_dir=str(folder), out=str(out), max_correct=cfg.select_max_correct))
+    dist.barrier()
 
 
 def method_runs(cfg: CompareConfig) -> list[tuple[str, str, int]]:
@@ -92,27 +139,46 @@ def _timed(timings: dict, key: str, path: Path) -> Iterator[None]:
 
 
 def _synth_cfg(cfg: CompareConfig, mode: str) -> SynthConfig:
-    # answer_only is a variant of the mixed-mode teacher; the direct and star sets have none
-    base = cfg.synth if mode == "mixed" else dataclasses.replace(cfg.synth, teacher_context="solution")
-    return stage_config(cfg, "synth", base, data=cfg.data, mode=mode, out=str(shared_synth(cfg.out, mode)))
+    # answer_only is a variant of the mixed-mode teacher; the direct and star sets have none. STaR
+    # samples its attempts all at once (its rationalizations need every attempt's grade).
+    base = cfg.synth if mode == "mixed" else dataclasses.replace(
+        cfg.synth, teacher_context="solution", round_size=cfg.synth.round_size if mode == "direct" else 0)
+    return stage_config(cfg, "synth", base, data=training_data(cfg), mode=mode, out=str(shared_synth(cfg.out, mode)))
+
+
+# The forward KL with gamma > 0 is unbounded below without a cap on the per-token negative KL
+# (config.TrainConfig). Where train.neg_cap is unset, dail_forward caps it at 1 nat: above the
+# 0.1-0.3 nats the negative KL reaches in DAIL's reverse-KL runs (docs/results/compare-gsm/), so
+# it binds only where the objective would run away.
+FORWARD_NEG_CAP = 1.0
 
 
 def _train_cfg(cfg: CompareConfig, method: str, seed: int, folder: Path) -> TrainConfig:
     synth = METHODS[method]["synth"]
-    return stage_config(cfg, "train", expert=cfg.data, loss=METHODS[method]["loss"], seed=seed,
+    base = cfg.train
+    if METHODS[method]["loss"] == "contrastive_forward" and base.gamma > 0 and base.neg_cap <= 0:
+        base = dataclasses.replace(base, loss="contrastive_forward", neg_cap=FORWARD_NEG_CAP)
+    return stage_config(cfg, "train", base, expert=training_data(cfg), loss=METHODS[method]["loss"], seed=seed,
                         data=str(shared_synth(cfg.out, synth)) if synth else cfg.train.data,
                         out=str(RunFolder(folder).train))
 
 
 def _eval_cfg(cfg: CompareConfig, split: str, folder: Path, adapter: str) -> EvalConfig:
-    return stage_config(cfg, "eval", data=split_data(cfg, split), adapter=adapter, out=str(RunFolder(folder).eval(split)))
+    e = stage_config(cfg, "eval", data=split_data(cfg, split), adapter=adapter, out=str(RunFolder(folder).eval(split)))
+    n = cfg.split_n.get(split, e.n)  # a split's own n (split_n), with the ks that fit it
+    return e if n == e.n else dataclasses.replace(e, n=n, ks=[k for k in e.ks if k <= n] or [1])
+
+
+def _grpo_cfg(cfg: CompareConfig, method: str, seed: int, folder: Path) -> GRPOConfig:
+    """grpo, or nurl (GRPO with self hints), trained into `<folder>/train`; an interrupted run resumes."""
+    return stage_config(cfg, "grpo", data=training_data(cfg), out=str(RunFolder(folder).train), seed=seed,
+                        hints="self" if method == "nurl" else "none", resume=True)
 
 
 def _train_grpo(cfg: CompareConfig, method: str, seed: int, folder: Path) -> Path:
     from dail import grpo  # the GRPO baselines need TRL; only import it when they are asked for
 
-    g = grpo.config_for_compare(cfg, method, seed, folder)
-    return grpo.train_grpo(g)
+    return grpo.train_grpo(_grpo_cfg(cfg, method, seed, folder))
 
 
 def compare(cfg: CompareConfig) -> Path:
@@ -120,11 +186,21 @@ def compare(cfg: CompareConfig) -> Path:
     out = Path(cfg.out)
     timings_path = out / "timings.json"
     timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
+    check_near(cfg)
     with command_folder(cfg, "compare") as tok:
-        sampler = open_sampler(cfg.model, tokenizer=tok)  # the base model
+        evaluator = open_sampler(with_dtype(cfg.model, cfg.eval.dtype), tokenizer=tok)  # the base model, as evaluated
+        if cfg.select_n:
+            with _timed(timings, "select", timings_path):
+                _select(cfg, evaluator, tok)
+        if cfg.ceiling:
+            with _timed(timings, "eval ceiling train", timings_path):
+                e = dataclasses.replace(_eval_cfg(cfg, "train", out / "ceiling", ""), context="teacher")
+                evaluate(e, evaluator, tok, label="teacher's ceiling")
         for split in cfg.splits:  # the base model, once per split
             with _timed(timings, f"eval base {split}", timings_path):
-                evaluate(_eval_cfg(cfg, split, out / "base", ""), sampler, tok, label="base")
+                evaluate(_eval_cfg(cfg, split, out / "base", ""), evaluator, tok, label="base")
+        sampler = evaluator if not cfg.eval.dtype else open_sampler(cfg.model, tokenizer=tok)  # synthesis: model.dtype
+        del evaluator
         for mode in dict.fromkeys(METHODS[m]["synth"] for m in cfg.methods if METHODS[m]["synth"]):
             with _timed(timings, f"synth {mode}", timings_path):
                 synthesize(_synth_cfg(cfg, mode), sampler, tok)
@@ -141,7 +217,7 @@ def compare(cfg: CompareConfig) -> Path:
                         adapter = _train_grpo(cfg, method, seed, folder)
                     else:
                         adapter = train_or_reuse(_train_cfg(cfg, method, seed, folder))
-            trained = open_sampler(cfg.model, str(adapter), tokenizer=tok)
+            trained = open_sampler(with_dtype(cfg.model, cfg.eval.dtype), str(adapter), tokenizer=tok)
             for split in cfg.splits:
                 with _timed(timings, f"eval {name} {split}", timings_path):
                     evaluate(_eval_cfg(cfg, split, folder, str(adapter)), trained, tok, label=name)
@@ -189,7 +265,7 @@ def comparison(cfg: CompareConfig) -> dict:
         table: dict[str, Any] = {}
         for name, data in per.items():
             entry: dict[str, Any] = {"by_budget": data["summary"]["by_budget"], "vs": {}}
-            for ref in ("base", "nll"):
+            for ref in ("base", "nll", "dail"):  # dail: the other DAIL variants against the reverse-KL, mixed one
                 if ref not in per or ref == name:
                     continue
                 entry["vs"][ref] = {str(b): {str(k): paired_difference(
@@ -200,6 +276,10 @@ def comparison(cfg: CompareConfig) -> dict:
             entry["transitions_vs_base"] = transitions([per["base"]["counts"][top][i] for i in ids],
                                                        [data["counts"][top][i] for i in ids])
             entry["mean_tokens"] = data["summary"]["mean_tokens"]
+            # diversity: distinct final answers per problem, the share of samples with a findable
+            # answer, and (with eval.entropy) the mean entropy where the model wrote
+            entry["diversity"] = {k: data["summary"].get(k)
+                                  for k in ("distinct_answers", "answer_found_fraction", "mean_entropy")}
             table[name] = entry
         result["splits"][split] = {"n_problems": len(ids), "n": n, "ks": ks, "budgets": budgets, "runs": table}
     return result
@@ -210,6 +290,10 @@ def comparison(cfg: CompareConfig) -> dict:
 _MARKERS = "osD^vP*X"
 _SPLIT_TITLES = {"train": "training problems", "near": "near transfer (new instances of training templates)",
                  "far": "far transfer (held-out templates)", "val": "validation"}
+
+
+def _num(x: Any, digits: int) -> str:
+    return "–" if x is None else f"{x:.{digits}f}"
 
 
 def _label(cfg_runs: dict, name: str) -> str:
@@ -224,15 +308,19 @@ def _panels(n: int) -> tuple[Figure, Any]:
     return fig, fig.subplots(1, n, squeeze=False)[0]
 
 
-def _method_lines(ax: Any, comp: dict, split: dict, xs: list[int], value: Any) -> None:
-    """One line per method over `xs` (log2 axis), `value(entry, x)` its height. Methods often tie
-    (at 0 on hard problems): a small sideways dodge and distinct markers keep every line visible."""
+def _method_lines(ax: Any, comp: dict, split: dict, xs: list[int], value: Any, band: Any = None) -> None:
+    """One line per method over `xs` (log2 axis), `value(entry, x)` its height and `band(entry, x)`
+    its CI (low, high), drawn as a shaded band. Methods often tie (at 0 on hard problems): a small
+    sideways dodge and distinct markers keep every line visible."""
     names = list(split["runs"])
     for i, name in enumerate(names):
         dodge = 2 ** (0.05 * (i - (len(names) - 1) / 2))
-        ax.plot([x * dodge for x in xs], [value(split["runs"][name], x) for x in xs],
-                marker=_MARKERS[i % len(_MARKERS)], ls="--" if name == "base" else "-",
-                color="black" if name == "base" else None, label=_label(comp["runs"], name))
+        line, = ax.plot([x * dodge for x in xs], [value(split["runs"][name], x) for x in xs],
+                        marker=_MARKERS[i % len(_MARKERS)], ls="--" if name == "base" else "-",
+                        color="black" if name == "base" else None, label=_label(comp["runs"], name))
+        if band is not None:
+            lo, hi = zip(*(band(split["runs"][name], x) for x in xs))
+            ax.fill_between([x * dodge for x in xs], lo, hi, color=line.get_color(), alpha=0.12, linewidth=0)
     ax.set_xscale("log", base=2)
     ax.set_xticks(xs, [str(x) for x in xs])
 
@@ -243,7 +331,9 @@ def _plot_passk(comp: dict, out: Path) -> str:
     for ax, split in zip(axes, splits):
         s = comp["splits"][split]
         top = str(max(s["budgets"]))
-        _method_lines(ax, comp, s, s["ks"], lambda e, k: e["by_budget"][top]["pass_at_k"][str(k)]["mean"])
+        cell = lambda e, k: e["by_budget"][top]["pass_at_k"][str(k)]  # noqa: E731
+        _method_lines(ax, comp, s, s["ks"], lambda e, k: cell(e, k)["mean"],
+                      band=lambda e, k: (cell(e, k)["ci_low"], cell(e, k)["ci_high"]))
         ax.set_xlabel("k (samples)")
         ax.set_ylabel("pass@k")
         ax.set_title(f"{_SPLIT_TITLES[split]}\n{s['n_problems']} problems, n = {s['n']}, {top} tokens", fontsize=9)
@@ -380,6 +470,16 @@ def write_compare_report(cfg: CompareConfig) -> Path:
                     continue
                 v = [x["by_budget"][top]["pass_at_k"][k_hi]["mean"] for x in vals]
                 md.append(f"| {m} | {sp} | " + " | ".join(f"{x:.3f}" for x in v) + f" | {max(v) - min(v):.3f} |")
+    md += ["", "## Diversity", "", "Distinct final answers among a problem's n samples (mean over problems), the "
+           "share of samples with a findable answer, and the mean entropy (nats per token) of the model where it "
+           "wrote (eval.entropy).", "", "| method | split | distinct answers | answer found | entropy |",
+           "|---|---|---|---|---|"]
+    for name in comp["splits"][splits[0]]["runs"]:
+        for sp in splits:
+            d = (comp["splits"][sp]["runs"].get(name) or {}).get("diversity")
+            if d:
+                md.append(f"| {name} | {sp} | {_num(d['distinct_answers'], 2)} | {_num(d['answer_found_fraction'], 3)} "
+                          f"| {_num(d['mean_entropy'], 3)} |")
     if cfg.chosen:
         md += ["", "## What was chosen, and how", ""] + [f"- `{k}`: {v}" for k, v in cfg.chosen.items()]
     md += ["", "## Plots", ""]
@@ -397,6 +497,13 @@ def write_compare_report(cfg: CompareConfig) -> Path:
     if synth_stats:
         md += ["## Synthetic sets", "", "| mode | trajectories | kept for training | correct / graded | "
                "student-token share |", "|---|---|---|---|---|", *synth_stats, ""]
+        for mode in ("mixed", "direct"):
+            stats = synth_files(shared_synth(out, mode))["stats"]
+            rounds = json.loads(stats.read_text()).get("rounds") if stats.exists() else None
+            if rounds:
+                md += [f"{mode}: sampling in rounds of {rounds['round_size']} stopped at each problem's first "
+                       f"correct trajectory; it decoded {rounds['trajectories_decoded']} of "
+                       f"{rounds['without_rounds']} trajectories ({rounds['saved_fraction']:.0%} saved).", ""]
     timings = out / "timings.json"
     if timings.exists():
         t = json.loads(timings.read_text())

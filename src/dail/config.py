@@ -146,6 +146,9 @@ class DataConfig:
                    "instance_seed is set.")
     instance_seed: int = _f(-1, "gsm-symbolic: seed for generating each template's instance (-1 = seed). "
                             "Another value gives new instances of the same templates (near transfer).")
+    instances: int = _f(1, "gsm-symbolic: instances per template, each a problem of its own (ids gsm-<template> for "
+                        "the first, gsm-<template>-i<k> for the others). Problems are ordered instance by instance "
+                        "(every template's first, then every second, ...), so limit keeps the templates balanced.")
     test_fraction: float = _f(0.5, "Fraction of templates (gsm-symbolic) or problems (champ) held out as "
                               "the test split.")
     val_fraction: float = _f(0.0, "Fraction of the training side's templates (gsm-symbolic) or problems "
@@ -162,6 +165,9 @@ class DataConfig:
                "split 'val' needs data.val_fraction > 0")
         _check(self.limit >= 0, "data.limit", "must be >= 0")
         _check(0.0 < self.test_fraction < 1.0, "data.test_fraction", "must be in (0, 1)")
+        _check(self.instances >= 1, "data.instances", "must be >= 1")
+        _check(self.instances == 1 or self.source == "gsm-symbolic", "data.instances",
+               f"instances are generated from templates (source gsm-symbolic), not from {self.source!r}")
 
 
 @dataclass
@@ -219,6 +225,10 @@ class SynthConfig:
                           "a graded problem with none correct: none). random: per_problem_k of them, drawn with "
                           "seed and the problem id. The authors keep one per problem.")
     per_problem_k: int = _f(1, "per_problem random: trajectories drawn per problem (all of them where it has fewer).")
+    round_size: int = _f(0, "With per_problem first: sample in rounds of this many trajectories per problem (sample "
+                         "indices in order) and stop sampling a problem once it has a correct trajectory, which is "
+                         "the one first keeps anyway, so the training set is the same as without rounds and the "
+                         "decoding saved is reported in stats.json. 0 = every sample at once. Mixed and direct mode.")
     presence_penalty: float = _f(0.0, "Subtracted from the logit of every token already in the trajectory, in both "
                                  "roles' sampling distributions, never in the acceptance test (OpenAI / vLLM "
                                  "semantics; 0 = off).", resume=True)
@@ -244,6 +254,10 @@ class SynthConfig:
                "samples_per_problem", f"must be <= {self.STAR_RATIONALIZED_FROM} in star mode (sample indices "
                f"from {self.STAR_RATIONALIZED_FROM} on are the rationalization attempts)")
         _check(self.rationalization_samples >= 0, "rationalization_samples", "must be >= 0")
+        _check(self.round_size >= 0, "round_size", "must be >= 0 (0 = no rounds)")
+        _check(not self.round_size or (self.per_problem == "first" and self.mode != "star"), "round_size",
+               "rounds stop at a problem's first correct trajectory: they need per_problem first, in mode mixed "
+               "or direct")
         _check(self.batch_size > 0, "batch_size", "must be > 0")
         _check(self.keep in ("all", "correct"), "keep", f"expected all|correct, got {self.keep!r}")
         _check(self.grade_timeout > 0, "grade_timeout", "must be > 0")
@@ -399,12 +413,23 @@ class EvalConfig:
                               "token ids, of every problem) and <out>/export.json (the sampling settings), for "
                               "another engine to sample from; nothing is sampled.")
     prompts: str = _f("", _PROMPTS_HELP + " Evaluation uses the student text (and the instruction).")
+    dtype: str = _f("", "Weights dtype for sampling here ('' = model.dtype): bfloat16 samples faster on a CPU with "
+                    "bf16 kernels (benchmarks/RESULTS.md) at bf16's precision; synthesis and training keep "
+                    "model.dtype.", resume=True)
+    entropy: bool = _f(False, "Record each sample's mean entropy (nats per token) of the model's temperature-1 "
+                       "distribution where it wrote; the summary gives the token-weighted mean (diversity).", resume=True)
+    context: str = _f("student", "What the model sees: student (the problem alone: pass@k) | teacher (the problem and "
+                      "its expert solution, the teacher's context in mixed decoding: the teacher's ceiling, which "
+                      "bounds what distillation from it can reach; every problem needs a solution).", resume=True)
 
     def __post_init__(self) -> None:
         _prompt_hash(self.prompts)
         _check(self.n > 0, "n", "must be > 0")
         _check_sampling(self)
         _check(self.force_tokens > 0, "force_tokens", "must be > 0")
+        _check(self.context in ("student", "teacher"), "context", f"expected student|teacher, got {self.context!r}")
+        _check(self.dtype in ("", "auto", "float32", "bfloat16", "float16"), "dtype",
+               f"expected ''|auto|float32|bfloat16|float16, got {self.dtype!r}")
         _check(not (self.samples and self.export_prompts), "export_prompts",
                "exports prompts for another engine; with samples set there is nothing to export")
         _check(not (self.samples and self.adapter), "adapter",
@@ -566,7 +591,7 @@ class RunConfig:
                        "come from the same split rule, or training problems leak into the test split")
 
 
-COMPARE_METHODS = ("base", "sft", "nll", "dail", "dail_direct", "star", "grpo", "nurl")
+COMPARE_METHODS = ("base", "sft", "nll", "dail", "dail_direct", "dail_forward", "star", "grpo", "nurl")
 
 
 @dataclass
@@ -584,6 +609,22 @@ class CompareConfig:
                             "(the training templates, new instances) and far (split test).")
     near_instance_seed: int = _f(1001, "gsm-symbolic instance seed of the near-transfer split (new instances of "
                                  "the training templates).")
+    near_instances: int = _f(0, "gsm-symbolic instances per training template in the near split (0 = as "
+                             "data.instances).")
+    near_limit: int = _f(0, "Near-transfer problems (0 = as data.limit). They come instance by instance over the "
+                         "training templates (data.instances), so a limit keeps the templates balanced.")
+    select_n: int = _f(0, "Pick the training problems as the paper does: the base model samples select_n per problem "
+                       "of data (with the eval settings, seed eval.seed + 1, so the train split's base evaluation "
+                       "is a fresh draw) and the problems with at most select_max_correct correct form the training "
+                       "set (`dail select`; <out>/select/). 0 = train on data as it is.")
+    select_max_correct: int = _f(0, "select_n: keep problems with at most this many correct samples (0 as in the "
+                                 "paper: failed in all of them).")
+    train_eval_limit: int = _f(0, "Split train: evaluate on the first this-many training problems (0 = all).")
+    split_n: dict = _f({}, "Samples per problem by split where it differs from eval.n, e.g. {train: 16, near: 16} "
+                       "with eval.n 64 for far (ks above a split's n are left out there).")
+    ceiling: bool = _f(False, "Also evaluate the base model in the teacher's context (problem and expert solution "
+                       "shown, eval.context teacher) on the train split: the teacher's ceiling, which bounds what "
+                       "distillation from it can reach (<out>/ceiling/).")
     val_limit: int = _f(16, "Validation problems (0 = all of the validation side).")
     test_limit: int = _f(16, "Far-transfer (held-out template) problems (0 = all).")
     splits: list = _f(["train", "near", "far"], "Evaluation splits for every method: train (the training "
@@ -620,6 +661,13 @@ class CompareConfig:
         _check(self.data.split == "train", "data.split", "must be train (the other splits are derived)")
         _check(self.val_limit >= 0, "val_limit", "must be >= 0 (0 = all)")
         _check(self.test_limit >= 0, "test_limit", "must be >= 0 (0 = all)")
+        _check(self.near_instances >= 0 and self.near_limit >= 0, "near_instances",
+               "near_instances and near_limit must be >= 0 (0 = as data)")
+        _check(self.select_n >= 0 and self.select_max_correct >= 0, "select_n",
+               "select_n and select_max_correct must be >= 0")
+        _check(self.train_eval_limit >= 0, "train_eval_limit", "must be >= 0 (0 = all)")
+        _check(all(k in ("train", "near", "far", "val") and _is_int(v) and v > 0 for k, v in self.split_n.items()),
+               "split_n", f"expected {{split: n > 0}} over train|near|far|val, got {self.split_n!r}")
 
 
 @dataclass

@@ -382,21 +382,28 @@ def load_gsm_symbolic(cfg: DataConfig) -> list[Example]:
     templates = {str(t.id_orig): t for t in gsm.load_data("eng")}
     chosen = sorted(split_of(list(templates), cfg), key=int)
     random.Random(f"dail-order-{cfg.seed}").shuffle(chosen)  # limit takes a random subset
-    if cfg.limit:
-        chosen = chosen[: cfg.limit]
     replacements = load_replacements("eng")
-    out = []
-    for tid in chosen:
-        template = templates[tid]
-        instance_seed = cfg.seed if cfg.instance_seed < 0 else cfg.instance_seed
-        q = _gsm_instance(template, replacements, random.Random(f"gsm-{instance_seed}-{tid}"))
-        question, answer_text, origin = (q.question, q.answer, "generated") if q else (
-            template.question, template.answer, "original")
-        m = _GSM_ANSWER.search(answer_text)
-        out.append(Example(id=f"gsm-{tid}", problem=question.strip(), solution=answer_text.strip(),
-                           answer=m.group(1).replace(",", "") if m else None,
-                           meta={"source": "gsm-symbolic", "template": int(tid), "instance": origin,
-                                 "seed": instance_seed}))
+    instance_seed = cfg.seed if cfg.instance_seed < 0 else cfg.instance_seed
+    out, seen = [], set()
+    # Instance by instance (every template's first, then every second, ...), so a limit keeps the
+    # templates balanced; the first instance is what a single-instance load gives.
+    for k in range(cfg.instances):
+        for tid in chosen:
+            if cfg.limit and len(out) == cfg.limit:
+                return out
+            template = templates[tid]
+            rng = random.Random(f"gsm-{instance_seed}-{tid}" + (f"-{k}" if k else ""))
+            q = _gsm_instance(template, replacements, rng)
+            question, answer_text, origin = (q.question, q.answer, "generated") if q else (
+                template.question, template.answer, "original")
+            if (tid, question.strip()) in seen:  # a template with few valid draws repeated one: not a new problem
+                continue
+            seen.add((tid, question.strip()))
+            m = _GSM_ANSWER.search(answer_text)
+            out.append(Example(id=f"gsm-{tid}" + (f"-i{k}" if k else ""), problem=question.strip(),
+                               solution=answer_text.strip(), answer=m.group(1).replace(",", "") if m else None,
+                               meta={"source": "gsm-symbolic", "template": int(tid), "instance": origin,
+                                     "seed": instance_seed, **({"instance_index": k} if k else {})}))
     return out
 
 

@@ -56,12 +56,11 @@ from dail.exchange import check_samples_path, evaluate_samples, export_prompts, 
 from dail.layout import eval_files
 from dail.lock import output_lock
 from dail.models import check_adapter, check_source, load_tokenizer, model_label
-from dail.prompts import (FORCED_ANSWER_CUE, FORCED_ANSWER_VERSION, load_prompts, render, set_thinking,
-                          student_messages, think_close_ids)
+from dail.prompts import FORCED_ANSWER_CUE, FORCED_ANSWER_VERSION, load_prompts, set_thinking, think_close_ids
 from dail.records import append_record, merge_shards, read_records, write_records
-from dail.sampler import Sampler, Sampling, open_sampler, sample_seed
-from dail.scoring import (budgets_of, dataset_name, grade_forced, grade_records, sample_text, shown_problem,
-                          summarize, write_summary)
+from dail.sampler import Sampler, Sampling, open_sampler, sample_seed, with_dtype
+from dail.scoring import (budgets_of, dataset_name, grade_forced, grade_records, sample_prompt, sample_text,
+                          shown_problem, summarize, write_summary)
 from dail.stats import BOOTSTRAP_RESAMPLES, bootstrap_ci, ks_for, pass_at_k
 
 log = logging.getLogger(__name__)
@@ -207,21 +206,25 @@ def _evaluate(cfg: EvalConfig, sampler: Any, tokenizer: Any, label: str | None, 
     todo = [(ex, j) for ex in mine for j in range(cfg.n) if (ex.id, j) not in done]
     sampling = Sampling.of(cfg)
 
+    model_cfg = with_dtype(cfg.model, cfg.dtype)
+    if cfg.dtype not in ("", "auto") and isinstance(sampler, Sampler) and sampler.dtype != cfg.dtype:
+        sampler = None  # sampled in eval.dtype, not in the precision of the sampler passed in
     if todo:
-        sampler = open_sampler(cfg.model, cfg.adapter, model=sampler, tokenizer=tok)
+        sampler = open_sampler(model_cfg, cfg.adapter, model=sampler, tokenizer=tok)
         t0, n_tok = time.perf_counter(), 0
         bar = tqdm(total=len(todo), desc=f"eval {out.name}", unit="sample", disable=rank != 0)
         with open(shard_file, "a", encoding="utf-8") as fh:
             for batch in _batches(todo, cfg.batch_size):
                 shown = [shown_problem(ex, j, cfg.seed) for ex, j in batch]
-                prompts = [render(tok, student_messages(text, prompt_set)) for text, _, _ in shown]
+                prompts = [sample_prompt(tok, ex, j, cfg.seed, cfg.context, prompt_set) for ex, j in batch]
                 budget = _capped(cfg.max_new_tokens, prompts, batch, sampler.window)
                 decoded = sampler.sample(prompts, [sample_seed(cfg.seed, ex.id, j) for ex, j in batch],
-                                         sampling.with_budget(budget))
+                                         sampling.with_budget(budget), **({"entropy": True} if cfg.entropy else {}))
                 records = [{"id": ex.id, "sample_index": j, "kind": kind, "gold": gold,
                             "text": sample_text(tok, d.tokens), "n_tokens": len(d.tokens),
                             "finish_reason": d.finish_reason, "token_ids": d.tokens, "thinking": thinking,
-                            "prompt_hash": prompt_set.hash}
+                            "prompt_hash": prompt_set.hash,
+                            **({"entropy": sum(d.entropy) / max(len(d.entropy), 1)} if cfg.entropy else {})}
                            for (ex, j), (_, gold, kind), d in zip(batch, shown, decoded)]
                 grade_records(records, budgets, tok, cfg.grade_timeout)
                 if forcing:
@@ -251,10 +254,10 @@ def _evaluate(cfg: EvalConfig, sampler: Any, tokenizer: Any, label: str | None, 
         unforced = [r for r in wanted if forcing and any(str(b) not in r.get("correct_forced_at_budget", {})
                                                          for b in budgets)]
         if unforced:  # forcing turned on, or budgets added, since these samples were drawn
-            sampler = open_sampler(cfg.model, cfg.adapter, model=sampler, tokenizer=tok)
+            sampler = open_sampler(model_cfg, cfg.adapter, model=sampler, tokenizer=tok)
             by_id = {ex.id: ex for ex in problems}
-            prompts = [render(tok, student_messages(shown_problem(by_id[r["id"]], r["sample_index"], cfg.seed)[0],
-                                                    prompt_set)) for r in unforced]
+            prompts = [sample_prompt(tok, by_id[r["id"]], r["sample_index"], cfg.seed, cfg.context, prompt_set)
+                       for r in unforced]
             force_answers(sampler, unforced, prompts, budgets, cfg)
             grade_forced(unforced, budgets, cfg.grade_timeout)
         if missing or unforced:  # keep the new grades (the records were updated in place)
@@ -265,7 +268,7 @@ def _evaluate(cfg: EvalConfig, sampler: Any, tokenizer: Any, label: str | None, 
             "dataset": dataset_name(cfg.data.source), "split": cfg.data.split,
             "temperature": cfg.temperature, "top_p": cfg.top_p, "max_new_tokens": cfg.max_new_tokens,
             "presence_penalty": cfg.presence_penalty, "frequency_penalty": cfg.frequency_penalty,
-            "thinking": thinking,
+            "thinking": thinking, "context": cfg.context, "dtype": cfg.dtype or cfg.model.dtype,
             "prompt_version": prompt_set.version, "prompt_hash": prompt_set.hash,
             **({"force_tokens": cfg.force_tokens, "forced_answer_version": FORCED_ANSWER_VERSION} if forcing else {}),
             **summarize(wanted, ids, cfg.n, cfg.ks, budgets, seed=cfg.seed, forced=forcing),

@@ -21,11 +21,11 @@ from dail.config import EvalConfig
 from dail.data import DataError, Example, load_problems
 from dail.layout import eval_files
 from dail.models import load_tokenizer, model_label
-from dail.prompts import (FORCED_ANSWER_CUE, FORCED_ANSWER_VERSION, end_of_turn_ids, load_prompts, render,
-                          set_thinking, student_messages, think_close_ids)
+from dail.prompts import (FORCED_ANSWER_CUE, FORCED_ANSWER_VERSION, end_of_turn_ids, load_prompts, set_thinking,
+                          think_close_ids)
 from dail.records import append_record, read_jsonl, read_records
-from dail.scoring import (budgets_of, dataset_name, grade_forced, grade_records, shown_problem, summarize,
-                          write_summary)
+from dail.scoring import (budgets_of, dataset_name, grade_forced, grade_records, sample_prompt, shown_problem,
+                          summarize, write_summary)
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def export_prompts(cfg: EvalConfig, tok: Any, rank: int = 0) -> dict:
                 groups: dict[tuple[int, ...], list[int]] = {}
                 choice = bool(isinstance(ex.meta, dict) and ex.meta.get("choices"))
                 for j in range(cfg.n) if choice else [0]:
-                    ids = tuple(render(tok, student_messages(shown_problem(ex, j, cfg.seed)[0], prompt_set)))
+                    ids = tuple(sample_prompt(tok, ex, j, cfg.seed, cfg.context, prompt_set))
                     groups.setdefault(ids, []).append(j)
                 for ids, js in groups.items():
                     indices = js if choice else list(range(cfg.n))

@@ -79,15 +79,13 @@ from dail.config import ConfigError, DataConfig, GRPOConfig, check_resumable, sa
 from dail.data import DataError, Example, load_benchmark, load_examples
 from dail.grading import grade_many
 from dail.hints import collect_hints, read_hints, usable_hints
-from dail.layout import RunFolder, finished_adapter, grpo_files
+from dail.layout import finished_adapter, grpo_files
 from dail.lock import output_lock
 from dail.models import attach_lora, check_source, load_model, load_tokenizer, model_label
 from dail.prompts import HINT_PROMPT_VERSION, hinted_messages, load_prompts, render, student_messages
 from dail.sampler import Sampler, Sampling, open_sampler, sample_seed
-from dail.stages import stage_config
 
-__all__ = ["train_grpo", "needs_hint", "plan_hints", "make_reward", "Rollout", "load_train_problems",
-           "config_for_compare"]
+__all__ = ["train_grpo", "needs_hint", "plan_hints", "make_reward", "Rollout", "load_train_problems"]
 
 log = logging.getLogger(__name__)
 
@@ -442,10 +440,3 @@ def _train(cfg: GRPOConfig, files: dict[str, Path], hints_path: Path, problems: 
         files["info"].write_text(json.dumps(info, indent=2), encoding="utf-8")
     dist.barrier()
     return adapter
-
-
-def config_for_compare(cfg: Any, method: str, seed: int, folder: Path) -> GRPOConfig:
-    """The GRPOConfig of a `dail compare` method (grpo, or nurl: GRPO with self hints), trained into
-    `<folder>/train` on the comparison's model and training problems; an interrupted run resumes."""
-    return stage_config(cfg, "grpo", data=cfg.data, out=str(RunFolder(Path(folder)).train), seed=seed,
-                        hints="self" if method == "nurl" else "none", resume=True)

@@ -73,12 +73,14 @@ class Sampler(Protocol):
     tokenizer: Any
     label: str           # the model as records name it (`models.model_label`, + adapter)
     stop_ids: list[int]  # a sequence ends at any of these (included in its tokens)
+    dtype: str           # the weights' dtype as torch names it ("float32", "bfloat16")
 
     @property
     def window(self) -> int: ...
 
     def sample(self, prompts: list[list[int]], seeds: list[int], sampling: Sampling, *,
-               banned_ids: list[int] | None = None, writer: str = "student") -> list[Decoded]: ...
+               banned_ids: list[int] | None = None, writer: str = "student",
+               entropy: bool = False) -> list[Decoded]: ...
 
     def mixed(self, prompts: list[list[int]], teacher_prompts: list[list[int]], seeds: list[int],
               sampling: Sampling, tau: float, *, banned_ids: list[int] | None = None) -> list[Decoded]: ...
@@ -98,10 +100,16 @@ class HFSampler:
     def window(self) -> int:
         return context_window(getattr(self.model, "module", self.model))  # DDP wraps the model
 
+    @property
+    def dtype(self) -> str:
+        return str(next(self.model.parameters()).dtype).removeprefix("torch.")
+
     def sample(self, prompts: list[list[int]], seeds: list[int], sampling: Sampling, *,
-               banned_ids: list[int] | None = None, writer: str = "student") -> list[Decoded]:
-        """Plain sampling; `writer` ("student" or "teacher") labels who produced the tokens."""
-        return self._decode(prompts, seeds, sampling, banned_ids=banned_ids, writer=writer)
+               banned_ids: list[int] | None = None, writer: str = "student", entropy: bool = False) -> list[Decoded]:
+        """Plain sampling; `writer` ("student" or "teacher") labels who produced the tokens; with
+        `entropy`, each token also carries the model's temperature-1 entropy where it was written."""
+        return self._decode(prompts, seeds, sampling, banned_ids=banned_ids, writer=writer,
+                            **({"entropy": True} if entropy else {}))
 
     def mixed(self, prompts: list[list[int]], teacher_prompts: list[list[int]], seeds: list[int],
               sampling: Sampling, tau: float, *, banned_ids: list[int] | None = None) -> list[Decoded]:
@@ -148,6 +156,11 @@ def _open_hf(cfg: ModelConfig, adapter: str, model: Any, tokenizer: Any, device:
 
 # One row per engine: `ModelConfig.engine` -> the function that opens it.
 _ENGINES = {"hf": _open_hf}
+
+
+def with_dtype(cfg: ModelConfig, dtype: str) -> ModelConfig:
+    """`cfg` with its weights in `dtype` ('' = as it is): a stage that samples in another precision."""
+    return replace(cfg, dtype=dtype) if dtype else cfg
 
 
 def open_sampler(cfg: ModelConfig, adapter: str = "", *, model: Any = None, tokenizer: Any = None,

@@ -30,11 +30,11 @@ import numpy as np
 
 from dail.data import DataError, Example
 from dail.grading import extract_answer, extract_choice, grade_many
-from dail.prompts import choice_problem
+from dail.prompts import Prompts, choice_problem, render, student_messages, teacher_messages
 from dail.sampler import sample_seed
 from dail.stats import BOOTSTRAP_CONFIDENCE, BOOTSTRAP_RESAMPLES, bootstrap_ci, ks_for, pass_at_k
 
-__all__ = ["budgets_of", "shown_problem", "dataset_name", "sample_text", "answer_token_index", "grade_records",
+__all__ = ["budgets_of", "shown_problem", "sample_prompt", "dataset_name", "sample_text", "answer_token_index", "grade_records",
            "grade_forced", "summarize", "write_summary"]
 
 
@@ -51,6 +51,17 @@ def shown_problem(ex: Example, sample_index: int, seed: int) -> tuple[str, str, 
                                       seed=sample_seed(seed, ex.id, sample_index))
         return text, letter, "choice"
     return ex.problem, str(ex.answer), "math"
+
+
+def sample_prompt(tok: Any, ex: Example, sample_index: int, seed: int, context: str, prompts: Prompts) -> list[int]:
+    """The prompt ids one sample is drawn from: the student text on the shown problem, or with
+    context teacher the teacher text (problem and expert solution; `eval.context`)."""
+    text = shown_problem(ex, sample_index, seed)[0]
+    if context == "teacher":
+        if not (ex.solution or "").strip():
+            raise DataError(f"problem {ex.id!r}: eval.context teacher shows the expert solution, and it has none")
+        return render(tok, teacher_messages(text, ex.solution, ex.answer, prompts))
+    return render(tok, student_messages(text, prompts))
 
 
 def dataset_name(source: str) -> str:
@@ -230,6 +241,13 @@ def summarize(records: list[dict], problem_ids: list[str], n: int, ks: list[int]
         "samples_with_grade_timeout": int(sum(bool(r.get("grade_timeouts")) for r in samples)),
         "mean_answer_token_index": float(np.mean(found)) if found else None,
         "per_problem_correct": {pid: sum(bool(r["correct"]) for r in by_id[pid]) for pid in problem_ids},
+        # Diversity: distinct final answers among a problem's n samples (mean over problems), and
+        # with eval.entropy the token-weighted mean entropy of the model where it wrote.
+        "distinct_answers": float(np.mean([len({r["answer"] for r in by_id[pid] if r.get("answer") is not None})
+                                           for pid in problem_ids])),
+        **({"mean_entropy": float(sum(r["entropy"] * r["n_tokens"] for r in samples)
+                                  / max(sum(r["n_tokens"] for r in samples), 1))}
+           if samples and all("entropy" in r and r["n_tokens"] is not None for r in samples) else {}),
         "bootstrap": {"resamples": BOOTSTRAP_RESAMPLES, "confidence": BOOTSTRAP_CONFIDENCE, "over": "problems",
                       "seed": seed},
     }

@@ -25,7 +25,7 @@ from dail import dist
 from dail.config import EvalConfig, SweepConfig, SynthConfig, TrainConfig
 from dail.evaluation import evaluate
 from dail.layout import RunFolder, eval_files, shared_synth, synth_files
-from dail.sampler import open_sampler
+from dail.sampler import open_sampler, with_dtype
 from dail.stages import command_folder, stage_config
 from dail.stats import paired_difference, per_problem_pass, resample_indices
 from dail.synthesis import synthesize
@@ -66,7 +66,7 @@ def sweep(cfg: SweepConfig) -> Path:
             for gamma in cfg.gammas:
                 folder = out / f"tau{_tag(tau)}-gamma{_tag(gamma)}"
                 adapter = train_or_reuse(_train_cfg(cfg, tau, gamma, folder))
-                trained = open_sampler(cfg.model, str(adapter), tokenizer=tok)
+                trained = open_sampler(with_dtype(cfg.model, cfg.eval.dtype), str(adapter), tokenizer=tok)
                 evaluate(_eval_cfg(cfg, folder, str(adapter)), trained, tok, label=folder.name)
                 del trained
     if dist.world()[0] == 0:

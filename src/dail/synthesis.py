@@ -133,13 +133,17 @@ def _synthesize(cfg: SynthConfig, sampler: Any, tokenizer: Any, examples: list[E
     set_thinking(tokenizer, cfg.model.thinking)  # every context below opens the thinking block, or none does
     sampler = open_sampler(cfg.model, model=sampler, tokenizer=tokenizer)
 
-    done, solved = _done(paths, rank, world)
+    done, solved, settled = _done(paths, rank, world)
+    settled = settled if cfg.round_size else set()  # only rounds stop at a problem's first correct trajectory
     mine = dist.shard(examples, rank, world)  # by problem: STaR's second path needs the first's grades
     my_paths = {name: dist.shard_path(paths[name], rank, world) for name in ("out", "rejected", "skipped")}
     handles = {name: open(p, "a", encoding="utf-8") for name, p in my_paths.items()}
     run = _Runner(cfg, sampler, model_label(cfg.model), handles, show=rank == 0 or world == 1)
     try:
-        _PLANNERS[cfg.mode](run, mine, done, solved)
+        for indices in _rounds(cfg):
+            written = _PLANNERS[cfg.mode](run, [ex for ex in mine if ex.id not in settled], done, solved, indices)
+            if cfg.round_size:  # a correct trajectory (or an ungraded one) settles its problem for per_problem first
+                settled |= {str(r["id"]) for r in written if r["correct"] is not False}
     finally:
         for fh in handles.values():
             fh.close()
@@ -172,11 +176,13 @@ def _check_examples(cfg: SynthConfig, examples: list[Example]) -> None:
                  ungraded, len(examples), ", whatever keep says" if cfg.keep == "correct" else "")
 
 
-def _done(paths: dict[str, Path], rank: int, world: int) -> tuple[set[tuple[str, int]], set[str]]:
-    """Resume: the (id, sample index) pairs already written, merged or in this rank's shards, and
-    the problems a STaR self attempt already solved (kept self records are the correct ones)."""
+def _done(paths: dict[str, Path], rank: int, world: int) -> tuple[set[tuple[str, int]], set[str], set[str]]:
+    """Resume: the (id, sample index) pairs already written, merged or in this rank's shards; the
+    problems a STaR self attempt already solved (kept self records are the correct ones); and the
+    problems a kept correct (or ungraded) trajectory settles for `round_size`."""
     done: set[tuple[str, int]] = set()
     solved: set[str] = set()
+    settled: set[str] = set()
     files = [(name, p) for name in ("out", "rejected", "skipped")
              for p in {paths[name], dist.shard_path(paths[name], rank, world)}]
     for name, p in files + [("unselected", paths["unselected"])]:  # unselected: kept, left out by per_problem
@@ -184,7 +190,14 @@ def _done(paths: dict[str, Path], rank: int, world: int) -> tuple[set[tuple[str,
         done |= {_key(r) for r in records}
         if name in ("out", "unselected"):
             solved |= {str(r["id"]) for r in records if r.get("star_path") == "self"}
-    return done, solved
+            settled |= {str(r["id"]) for r in records if r.get("correct") is not False}
+    return done, solved, settled
+
+
+def _rounds(cfg: SynthConfig) -> list[range]:
+    """The sample indices of each round: all at once, or `round_size` at a time in index order."""
+    size = cfg.round_size or cfg.samples_per_problem
+    return [range(lo, min(lo + size, cfg.samples_per_problem)) for lo in range(0, cfg.samples_per_problem, size)]
 
 
 def _todo(ex: Example, indices: Any, done: set[tuple[str, int]]) -> list[int]:
@@ -193,12 +206,12 @@ def _todo(ex: Example, indices: Any, done: set[tuple[str, int]]) -> list[int]:
 
 # ----------------------------------------------------------------------------- one planner per mode
 
-def _plan_mixed(run: "_Runner", problems: list[Example], done: set, solved: set) -> None:
+def _plan_mixed(run: "_Runner", problems: list[Example], done: set, solved: set, indices: range) -> list[dict]:
     """The student context proposes, the teacher's (problem + expert solution, or + the answer
     alone with teacher_context answer_only) vetoes."""
     cfg, jobs = run.cfg, []
     for ex in problems:
-        todo = _todo(ex, range(cfg.samples_per_problem), done)
+        todo = _todo(ex, indices, done)
         if not todo:
             continue
         student = run.render(student_messages(ex.problem, run.prompts))
@@ -212,14 +225,14 @@ def _plan_mixed(run: "_Runner", problems: list[Example], done: set, solved: set)
         if fitted is not None:
             ex, teacher, cut = fitted
             jobs += [_Job(ex, i, student, teacher, shortened=cut) for i in todo]
-    run(jobs, "student", f"mixed, tau={cfg.tau}")
+    return run(jobs, "student", f"mixed, tau={cfg.tau}")
 
 
-def _plan_direct(run: "_Runner", problems: list[Example], done: set, solved: set) -> None:
+def _plan_direct(run: "_Runner", problems: list[Example], done: set, solved: set, indices: range) -> list[dict]:
     """The model given problem + expert solution writes alone, asked for a self-contained solution."""
     cfg, jobs = run.cfg, []
     for ex in problems:
-        todo = _todo(ex, range(cfg.samples_per_problem), done)
+        todo = _todo(ex, indices, done)
         if not todo:
             continue
         fitted = run.fit_solution(ex, todo, None, lambda sol, ex=ex: run.render(
@@ -227,18 +240,19 @@ def _plan_direct(run: "_Runner", problems: list[Example], done: set, solved: set
         if fitted is not None:
             ex, prompt, cut = fitted
             jobs += [_Job(ex, i, prompt, shortened=cut) for i in todo]
-    run(jobs, "teacher", "direct")
+    return run(jobs, "teacher", "direct")
 
 
-def _plan_star(run: "_Runner", problems: list[Example], done: set, solved: set) -> None:
+def _plan_star(run: "_Runner", problems: list[Example], done: set, solved: set, indices: range) -> list[dict]:
     """STaR: attempts on the plain problem, then rationalizations of the problems none solved."""
     cfg, jobs = run.cfg, []
     for ex in problems:  # path 1: the model alone, on the plain problem
-        todo = _todo(ex, range(cfg.samples_per_problem), done)
+        todo = _todo(ex, indices, done)
         prompt = run.render(student_messages(ex.problem, run.prompts)) if todo else []
         if todo and run.fits(ex, todo, [prompt], "self"):
             jobs += [_Job(ex, i, prompt, star_path="self") for i in todo]
-    solved = solved | {r["id"] for r in run(jobs, "student", "star, self") if r["correct"]}
+    written = run(jobs, "student", "star, self")
+    solved = solved | {r["id"] for r in written if r["correct"]}
     jobs = []
     first = cfg.STAR_RATIONALIZED_FROM
     for ex in problems:  # path 2: problems no self attempt solved, with the answer as a hint
@@ -248,7 +262,7 @@ def _plan_star(run: "_Runner", problems: list[Example], done: set, solved: set) 
         prompt = run.render(rationalization_messages(ex.problem, ex.answer, run.prompts))
         if run.fits(ex, todo, [prompt], "rationalized"):
             jobs += [_Job(ex, i, prompt, star_path="rationalized") for i in todo]
-    run(jobs, "teacher", "star, rationalized")
+    return written + run(jobs, "teacher", "star, rationalized")
 
 
 _PLANNERS = {"mixed": _plan_mixed, "direct": _plan_direct, "star": _plan_star}
@@ -267,6 +281,10 @@ def _finish(paths: dict[str, Path], cfg: SynthConfig, examples: list[Example], w
     stats = compute_stats(kept, rejected, len(skipped), fractions, out, cfg, unselected)
     if cfg.mode == "star":
         stats["star"] = star_stats([ex.id for ex in examples], kept + unselected, rejected, skipped)
+    if cfg.round_size:  # what stopping at each problem's first correct trajectory saved
+        decoded, full = len(kept) + len(unselected) + len(rejected), len(examples) * cfg.samples_per_problem
+        stats["rounds"] = {"round_size": cfg.round_size, "trajectories_decoded": decoded,
+                           "without_rounds": full - len(skipped), "saved_fraction": 1 - decoded / max(full - len(skipped), 1)}
     paths["stats"].write_text(json.dumps(stats, indent=2), encoding="utf-8")
     plot_student_fraction(fractions, paths["histogram"], cfg)
     for p in out.parent.glob("throughput.rank*.json"):

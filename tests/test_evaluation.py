@@ -9,6 +9,7 @@ from math import comb
 
 import numpy as np
 import pytest
+import torch
 
 import dail.evaluation as E
 from dail.config import DataConfig, EvalConfig, ModelConfig
@@ -145,6 +146,44 @@ def test_evaluate_writes_records_summary_and_config(tiny, tiny_dir, bench, tmp_p
     ci = summary["pass_at_k"]["2"]
     assert ci["ci_low"] <= ci["mean"] <= ci["ci_high"]
     assert summary["mean_tokens"] == pytest.approx(np.mean([r["n_tokens"] for r in recs]))
+
+
+def _unsolved(tmp_path):
+    path = tmp_path / "unsolved.jsonl"
+    path.write_text("".join(json.dumps(p) + "\n" for p in PROBLEMS))
+    return path
+
+
+def test_teacher_context_bf16_weights_and_entropy(tiny, tiny_dir, bench, tmp_path, monkeypatch):
+    from dail.prompts import render, student_messages, teacher_messages
+
+    monkeypatch.setattr(SC, "grade_many", _fake_grade)
+    model, tok = tiny
+    seen = []
+    real = SM.decode
+    monkeypatch.setattr(SM, "decode", lambda m, prompts, **kw: seen.append((prompts, next(m.parameters()).dtype, kw))
+                        or real(m, prompts, **kw))
+    bench = tmp_path / "solved.jsonl"  # a benchmark file whose problems carry an expert solution
+    bench.write_text("".join(json.dumps(p | {"solution": f"We add. #### {p['answer']}"}) + "\n" for p in PROBLEMS))
+    plain = evaluate(_cfg(tiny_dir, bench, tmp_path / "plain"), model, tok)
+    assert all(p == render(tok, student_messages(PROBLEMS[0]["problem"])) for p in seen[0][0][:4])
+    assert "entropy" not in seen[0][2] and "mean_entropy" not in plain and plain["context"] == "student"
+    # The teacher's ceiling: problem and expert solution shown; bf16 weights although an fp32 model came in.
+    seen.clear()
+    s = evaluate(_cfg(tiny_dir, bench, tmp_path / "ceiling", context="teacher", dtype="bfloat16", entropy=True),
+                 model, tok)
+    ex = PROBLEMS[0]
+    assert seen[0][0][0] == render(tok, teacher_messages(ex["problem"], "We add. #### 7", ex["answer"]))
+    assert seen[0][1] == torch.bfloat16 and s["context"] == "teacher" and s["dtype"] == "bfloat16"
+    recs = read_records(tmp_path / "ceiling" / "samples.jsonl")
+    assert all(r["entropy"] > 0 for r in recs)
+    want = sum(r["entropy"] * r["n_tokens"] for r in recs) / sum(r["n_tokens"] for r in recs)
+    assert s["mean_entropy"] == pytest.approx(want)
+    assert 0 <= s["distinct_answers"] <= 4 and s["distinct_answers"] == np.mean(
+        [len({r["answer"] for r in recs if r["id"] == pid and r["answer"] is not None}) for pid in ("p1", "p2", "p3")])
+    with pytest.raises(DataError, match="eval.context teacher shows the expert solution, and it has none"):
+        evaluate(_cfg(tiny_dir, _unsolved(tmp_path), tmp_path / "x",
+                      context="teacher"), model, tok)
 
 
 def test_budget_grades_equal_rerunning_with_smaller_max_new_tokens(tiny, tiny_dir, bench, tmp_path, monkeypatch):

@@ -119,6 +119,13 @@ def force_answers(sampler: Sampler, records: list[dict], prompts: list[list[int]
 
 # ----------------------------------------------------------------------------- sampling
 
+def _dtype_of(sampler: Any) -> str:
+    """The weights' dtype of a Sampler or of a model passed in its place ("float32", "bfloat16")."""
+    if isinstance(sampler, Sampler):
+        return sampler.dtype
+    return str(next(sampler.parameters()).dtype).removeprefix("torch.")
+
+
 def _batches(todo: list[tuple[Example, int]], batch_size: int) -> list[list[tuple[Example, int]]]:
     """Pack work items into batches, keeping each problem's samples together where they fit."""
     groups: dict[str, list[tuple[Example, int]]] = {}
@@ -207,8 +214,8 @@ def _evaluate(cfg: EvalConfig, sampler: Any, tokenizer: Any, label: str | None, 
     sampling = Sampling.of(cfg)
 
     model_cfg = with_dtype(cfg.model, cfg.dtype)
-    if cfg.dtype not in ("", "auto") and isinstance(sampler, Sampler) and sampler.dtype != cfg.dtype:
-        sampler = None  # sampled in eval.dtype, not in the precision of the sampler passed in
+    if cfg.dtype not in ("", "auto") and sampler is not None and _dtype_of(sampler) != cfg.dtype:
+        sampler = None  # sampled in eval.dtype, not in the precision of the sampler (or model) passed in
     if todo:
         sampler = open_sampler(model_cfg, cfg.adapter, model=sampler, tokenizer=tok)
         t0, n_tok = time.perf_counter(), 0

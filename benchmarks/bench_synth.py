@@ -27,18 +27,19 @@ def step_time(model, prompts, pad_id, reps: int) -> float:
     from transformers import DynamicCache
 
     from dail.decoding import _left_pad
+    from dail.padding import cache_arg
 
     ids, mask = _left_pad(prompts, pad_id, torch.device("cpu"))
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True, logits_to_keep=1)
+        model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **cache_arg(cache), logits_to_keep=1)
         tok = torch.full((len(prompts), 1), 1000)
         m = torch.cat([mask, mask.new_ones(len(prompts), 1)], 1)
         times = []
         for _ in range(reps + 1):
             t0 = time.perf_counter()
-            model(input_ids=tok, attention_mask=m, position_ids=pos[:, -1:] + 1, cache=cache, use_cache=True)
+            model(input_ids=tok, attention_mask=m, position_ids=pos[:, -1:] + 1, use_cache=True, **cache_arg(cache))
             times.append(time.perf_counter() - t0)
             cache.crop(-1)  # drop the token again: every rep runs at the same context length
     return statistics.median(times[1:])

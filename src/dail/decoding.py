@@ -43,7 +43,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from dail.padding import cache_kv, plain_cache, stack_caches
+from dail.padding import cache_arg, cache_kv, plain_cache, stack_caches
 
 
 @dataclass
@@ -119,7 +119,7 @@ def _prefill_rows(model: Any, prompts: list[list[int]], pad_id: int) -> tuple[to
     ids, mask = _left_pad(prompts, pad_id, device)
     pos = (mask.cumsum(-1) - 1).clamp_(min=0)
     cache = DynamicCache(config=model.config)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True,
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **cache_arg(cache),
                 logits_to_keep=1)
     return out.logits[:, -1], cache, mask, pos[:, -1] + 1
 
@@ -168,6 +168,48 @@ def _prefill(model: Any, prompts: list[list[int]], pad_id: int,
     if len(unique) != len(prompts) or index != sorted(index):
         cache.batch_select_indices(sel)
     return logits[sel], cache, mask[sel], next_pos[sel]
+
+
+def choose(ls: torch.Tensor, lt: torch.Tensor | None, u: torch.Tensor, *, temperature: float, top_p: float,
+           tau: float = 0.0, writer: str = "student", entropy: bool = False, counts: torch.Tensor | None = None,
+           presence_penalty: float = 0.0, frequency_penalty: float = 0.0, banned: torch.Tensor | None = None,
+           ) -> tuple[torch.Tensor, ...]:
+    """One decoding step's decision for n rows, from their logits and their two uniforms each.
+
+    `ls` (n, V): the writer's logits (the student's, in mixed decoding); `lt` (n, V): the
+    teacher's (None: plain sampling); `u` (n, 2): the row's uniforms for this step, the
+    proposal's and the teacher's fallback. Returns (chosen ids, written by the teacher, p_S, p_T,
+    q, entropy or None), each (n,). Every engine takes its decisions here, so given the same
+    logits and the same uniforms they take the same ones (tests/test_vllm_engine.py replays it).
+    """
+    shape = dict(counts=counts, presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+                 banned=banned)
+    ps = sampling_probs(ls, temperature, top_p, **shape)                             # (n, V)
+    t_student = _draw(ps, u[:, 0])
+    ent = None
+    if lt is not None:
+        pt_full = torch.softmax(lt.float(), dim=-1)                                   # temperature 1
+        pt_sample = sampling_probs(lt, temperature, top_p, **shape)
+        t_teacher = _draw(pt_sample, u[:, 1])
+        accept = pt_full.gather(-1, t_student[:, None]).squeeze(-1) >= tau
+        chosen = torch.where(accept, t_student, t_teacher)
+        # q(t) = p_S(t)·1[p_T(t) >= tau] + (sum of p_S over rejected tokens)·p_T,sample(t)
+        rejected_mass = (ps * (pt_full < tau)).sum(-1)
+        p_s = ps.gather(-1, chosen[:, None]).squeeze(-1)
+        p_t = pt_full.gather(-1, chosen[:, None]).squeeze(-1)
+        q = p_s * (p_t >= tau) + rejected_mass * pt_sample.gather(-1, chosen[:, None]).squeeze(-1)
+        by_teacher = ~accept
+    else:
+        chosen = t_student
+        p_s = ps.gather(-1, chosen[:, None]).squeeze(-1)
+        lf = ls.float()  # the writer's temperature-1 probability, without a full softmax
+        lse = torch.logsumexp(lf, dim=-1)
+        p_t = (lf.gather(-1, chosen[:, None]).squeeze(-1) - lse).exp()
+        if entropy:  # H = logsumexp(l) - sum softmax(l)·l
+            ent = lse - (torch.softmax(lf, dim=-1) * lf.nan_to_num(neginf=0.0)).sum(-1)
+        q = p_s
+        by_teacher = torch.full_like(chosen, writer == "teacher", dtype=torch.bool)
+    return chosen, by_teacher, p_s, p_t, q, ent
 
 
 @torch.no_grad()
@@ -227,32 +269,11 @@ def decode(
     for step in range(max_new_tokens):
         n = len(active)
         u = torch.stack([torch.rand(2, generator=generators[i]) for i in active]).to(device)  # (n, 2)
-        ls = logits[:n]
-        ps = sampling_probs(ls, temperature, top_p, **shape)                         # (n, V)
-        t_student = _draw(ps, u[:, 0])
-        if mixed:
-            lt = logits[n:]
-            pt_full = torch.softmax(lt.float(), dim=-1)                               # temperature 1
-            pt_sample = sampling_probs(lt, temperature, top_p, **shape)
-            t_teacher = _draw(pt_sample, u[:, 1])
-            accept = pt_full.gather(-1, t_student[:, None]).squeeze(-1) >= tau
-            chosen = torch.where(accept, t_student, t_teacher)
-            # q(t) = p_S(t)·1[p_T(t) >= tau] + (sum of p_S over rejected tokens)·p_T,sample(t)
-            rejected_mass = (ps * (pt_full < tau)).sum(-1)
-            p_s = ps.gather(-1, chosen[:, None]).squeeze(-1)
-            p_t = pt_full.gather(-1, chosen[:, None]).squeeze(-1)
-            q = p_s * (p_t >= tau) + rejected_mass * pt_sample.gather(-1, chosen[:, None]).squeeze(-1)
-            by_teacher = ~accept
-        else:
-            chosen = t_student
-            p_s = ps.gather(-1, chosen[:, None]).squeeze(-1)
-            lf = ls.float()  # the writer's temperature-1 probability, without a full softmax
-            lse = torch.logsumexp(lf, dim=-1)
-            p_t = (lf.gather(-1, chosen[:, None]).squeeze(-1) - lse).exp()
-            if entropy:  # H = logsumexp(l) - sum softmax(l)·l
-                ent_l = (lse - (torch.softmax(lf, dim=-1) * lf.nan_to_num(neginf=0.0)).sum(-1)).tolist()
-            q = p_s
-            by_teacher = torch.full_like(chosen, writer == "teacher", dtype=torch.bool)
+        chosen, by_teacher, p_s, p_t, q, ent = choose(
+            logits[:n], logits[n:] if mixed else None, u, temperature=temperature, top_p=top_p, tau=tau,
+            writer=writer, entropy=entropy, **shape)
+        if entropy:
+            ent_l = ent.tolist()
 
         if counts is not None:
             counts[torch.arange(n, device=device), chosen] += 1
@@ -286,7 +307,7 @@ def decode(
         feed = torch.cat([chosen, chosen]) if mixed else chosen                         # (R,)
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
         out = model(input_ids=feed[:, None], attention_mask=mask, position_ids=next_pos[:, None],
-                    cache=cache, use_cache=True)
+                    use_cache=True, **cache_arg(cache))
         logits = out.logits[:, -1]
         next_pos = next_pos + 1
     return results  # type: ignore[return-value]

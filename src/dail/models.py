@@ -53,6 +53,19 @@ def _embedded_cache() -> Path:
     return root / "smollm2-135m-instruct-q4_1-dequantized"
 
 
+def embedded_model_folder() -> Path:
+    """A transformers folder (config, safetensors, tokenizer) of the embedded model, for engines that
+    load weights from a folder (vLLM cannot open the GGUF as dail names it): the de-quantized
+    cache, written by one `load_model` if it is not there yet."""
+    cache = _embedded_cache()
+    if not (cache / "complete").exists():
+        load_model(ModelConfig(name=EMBEDDED, device="cpu"))
+    if not (cache / "complete").exists():
+        raise ConfigError(f"config field 'model.name': could not write the de-quantized embedded model to {cache} "
+                          "(set DAIL_CACHE to a writable folder)")
+    return cache
+
+
 def _embedded_source() -> tuple[Path, dict]:
     """Where to load the embedded model from: the de-quantized cache if complete, else the GGUF."""
     cache = _embedded_cache()

@@ -18,9 +18,25 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+import transformers
+from packaging.version import Version
 from transformers.cache_utils import DynamicLayer
 
-__all__ = ["right_pad", "plain_cache", "cache_kv", "stack_caches"]
+__all__ = ["right_pad", "plain_cache", "cache_kv", "stack_caches", "cache_arg"]
+
+def cache_arg(cache: Any) -> dict[str, Any]:
+    """The keyword argument that hands a KV `cache` to a model's forward in the installed release.
+
+    transformers 5.24 renamed `past_key_values=` to `cache=` (the old name is accepted, with a
+    warning, up to 5.40). Releases before 5.24, such as the one vLLM pins, know only the old name
+    and would put `cache` into **kwargs unused, leaving the cache empty. The release decides, not
+    the module's signature, because PEFT and DDP wrappers take **kwargs.
+    """
+    return {_CACHE_ARG: cache}
+
+
+_CACHE_ARG = "cache" if Version(transformers.__version__) >= Version("5.24.0") else "past_key_values"
+
 
 KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys and values, each (R, heads, L, head_dim)
 

@@ -38,7 +38,7 @@ import torch
 from transformers import DynamicCache
 
 from dail.models import adapter_off
-from dail.padding import cache_kv, plain_cache, right_pad, stack_caches
+from dail.padding import cache_arg, cache_kv, plain_cache, right_pad, stack_caches
 
 __all__ = ["ROLES", "Sequence", "Batch", "SharedContexts", "collate", "final_hidden", "role_hidden",
            "lm_head_params", "reference_hidden", "ref_cache_key", "build_ref_cache", "cached_refs"]
@@ -174,7 +174,7 @@ def final_hidden(model: Any, ids: torch.Tensor, attn: torch.Tensor, cache: Any =
             model(input_ids=ids, attention_mask=attn, logits_to_keep=1, use_cache=False)
         else:
             model(input_ids=ids, attention_mask=attn, position_ids=position_ids, logits_to_keep=1, use_cache=True,
-                  cache=cache)
+                  **cache_arg(cache))
     finally:
         handle.remove()
     return captured["h"]

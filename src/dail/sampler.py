@@ -42,7 +42,7 @@ from dail.decoding import Decoded, decode, sample_seed
 from dail.models import context_window, load_adapter_for_inference, load_model, load_tokenizer, model_label
 from dail.prompts import end_of_turn_ids
 
-__all__ = ["Sampling", "Sampler", "HFSampler", "open_sampler", "Decoded", "sample_seed"]
+__all__ = ["Sampling", "Sampler", "HFSampler", "open_sampler", "release", "Decoded", "sample_seed"]
 
 
 @dataclass(frozen=True)
@@ -154,8 +154,22 @@ def _open_hf(cfg: ModelConfig, adapter: str, model: Any, tokenizer: Any, device:
     return HFSampler(model, tokenizer, model_label(cfg) + (f" + {adapter}" if adapter else ""))
 
 
+def _open_vllm(cfg: ModelConfig, adapter: str, model: Any, tokenizer: Any, device: torch.device | None) -> Any:
+    from dail.vllm_engine import open_vllm  # imports vllm only when asked for
+
+    return open_vllm(cfg, adapter, model, tokenizer, device)
+
+
 # One row per engine: `ModelConfig.engine` -> the function that opens it.
-_ENGINES = {"hf": _open_hf}
+_ENGINES = {"hf": _open_hf, "vllm": _open_vllm}
+
+
+def release(sampler: Any) -> None:
+    """Free what a sampler holds beyond its Python object (a vLLM engine and its KV cache); an HF
+    sampler holds nothing more than its model."""
+    close = getattr(sampler, "close", None)
+    if callable(close):
+        close()
 
 
 def with_dtype(cfg: ModelConfig, dtype: str) -> ModelConfig:

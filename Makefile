@@ -1,11 +1,17 @@
 # `make demo`: set up .venv and run the embedded default end to end (runs/default/report.md).
 # `make test`: set up .venv and run the test suite.
-.PHONY: setup demo test bench
+# `make setup-vllm`: .venv with the vLLM engine as well (`--model.engine vllm`).
+.PHONY: setup setup-vllm demo test bench
 
 setup: .venv/.dail-setup
 
 .venv/.dail-setup: pyproject.toml scripts/setup.sh
 	bash scripts/setup.sh
+
+setup-vllm: .venv/.dail-vllm
+
+.venv/.dail-vllm: pyproject.toml scripts/setup.sh
+	bash scripts/setup.sh vllm
 
 demo: setup
 	.venv/bin/dail run

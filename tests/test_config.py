@@ -167,6 +167,22 @@ def test_engine_is_checked_and_defaults_to_hf():
     assert build(SynthConfig, None, {"model.engine": "vllm"}).model.engine == "vllm"
 
 
+def test_what_the_vllm_engine_cannot_honour_is_refused_naming_the_field(monkeypatch):
+    from dail.config import CompareConfig, GRPOConfig, ModelConfig
+    from dail.sampler import open_sampler
+
+    with pytest.raises(ConfigError, match=r"^config field 'model.engine': GRPO pushes the policy's new weights"):
+        build(GRPOConfig, None, {"model.engine": "vllm"})
+    with pytest.raises(ConfigError, match=r"^config field 'model.engine': methods grpo and nurl need model.engine hf"):
+        build(CompareConfig, None, {"model.engine": "vllm", "methods": ["base", "nurl"]})
+    assert build(CompareConfig, None, {"model.engine": "vllm", "methods": ["base", "dail"]}).model.engine == "vllm"
+    with pytest.raises(ConfigError, match=r"^config field 'model.device': the vllm engine runs on cpu or cuda"):
+        open_sampler(ModelConfig(engine="vllm", device="mps"))
+    monkeypatch.setattr("dail.dist.world", lambda: (0, 2))  # under accelerate launch with 2 processes
+    with pytest.raises(ConfigError, match=r"^config field 'model.engine': the vllm engine batches all requests"):
+        open_sampler(ModelConfig(engine="vllm", device="cpu"))
+
+
 def test_the_vllm_engine_without_vllm_installed_names_the_install_command(monkeypatch):
     import sys
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from pathlib import Path
 from fractions import Fraction
 from math import comb
 
@@ -481,6 +482,7 @@ def test_export_prompts_are_the_prompts_dail_samples_from(tiny, tiny_dir, bench,
         assert tok(x["prompt"], add_special_tokens=False)["input_ids"] == x["prompt_ids"]
     info = json.loads((tmp_path / "ex" / "export.json").read_text())
     assert info["stop_token_ids"] == end_of_turn_ids(tok) and info["n"] == 4 and info["thinking"] is False
+    assert info["model"] == str(tiny_dir) and info["adapter"] is None  # a folder an engine can load
     assert not (tmp_path / "ex" / "samples.jsonl").exists()
     # the engine's samples come back through --samples
     src = _external(tmp_path / "engine.jsonl", [{"id": x["id"], "sample_index": j, "text": "\\boxed{12}"}
@@ -489,3 +491,12 @@ def test_export_prompts_are_the_prompts_dail_samples_from(tiny, tiny_dir, bench,
                  "--out", str(tmp_path / "ex"), "--ks", "1,2", "--samples", str(src)]) == 0
     s = json.loads((tmp_path / "ex" / "summary.json").read_text())
     assert s["per_problem_correct"] == {"p1": 0, "p2": 4, "p3": 0} and s["n"] == 4
+
+
+def test_export_names_the_embedded_model_by_a_folder_an_engine_can_load():
+    from dail.config import ModelConfig
+    from dail.models import EMBEDDED_ID, loadable_model
+
+    folder = Path(loadable_model(ModelConfig(name="embedded")))
+    assert (folder / "config.json").exists() and any(folder.glob("*.safetensors"))
+    assert loadable_model(ModelConfig(name="org/model")) == "org/model" != EMBEDDED_ID

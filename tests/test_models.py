@@ -32,6 +32,11 @@ def test_the_cache_reaches_the_forward_in_the_installed_release(tiny):
     with torch.no_grad():
         model(input_ids=torch.tensor([[1, 2, 3]]), use_cache=True, **cache_arg(cache))
     assert cache.get_seq_length() == 3
+    if expected == "past_key_values":  # before 5.24: masked GQA goes to torch's SDPA on the CPU (padding.py)
+        from transformers.integrations import sdpa_attention
+
+        kv = torch.zeros(1, 2, 3, 8)
+        assert sdpa_attention.use_gqa_in_sdpa(torch.ones(1, 1, 1, 3, dtype=torch.bool), kv, kv)
 
 
 # ----------------------------------------------------------------------------- GPU paths, checked on the CPU

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from dail.config import EvalConfig
 from dail.data import DataError, Example, load_problems
 from dail.layout import eval_files
-from dail.models import load_tokenizer, model_label
+from dail.models import load_tokenizer, loadable_model, model_label
 from dail.prompts import (FORCED_ANSWER_CUE, FORCED_ANSWER_VERSION, end_of_turn_ids, load_prompts, set_thinking,
                           think_close_ids)
 from dail.records import append_record, read_jsonl, read_records
@@ -62,7 +62,10 @@ def export_prompts(cfg: EvalConfig, tok: Any, rank: int = 0) -> dict:
                     lines += 1
     info = {
         "prompts": str(files["prompts"]), "lines": lines, "problems": len(problems), "n": cfg.n,
-        "model": model_label(cfg.model), "dataset": dataset_name(cfg.data.source), "split": cfg.data.split,
+        # `model`: what an engine can load (the embedded model's de-quantized folder, a hub id or
+        # a local folder); `model_label`: the name records and summaries use.
+        "model": loadable_model(cfg.model), "model_label": model_label(cfg.model), "adapter": cfg.adapter or None,
+        "dataset": dataset_name(cfg.data.source), "split": cfg.data.split,
         "temperature": cfg.temperature, "top_p": cfg.top_p, "presence_penalty": cfg.presence_penalty,
         "frequency_penalty": cfg.frequency_penalty, "max_tokens": cfg.max_new_tokens,
         "stop_token_ids": end_of_turn_ids(tok), "budgets": budgets_of(cfg),

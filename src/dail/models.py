@@ -183,6 +183,11 @@ def context_window(model: Any) -> int:
     return int(getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 1 << 30)
 
 
+def loadable_model(cfg: ModelConfig) -> str:
+    """`cfg.name` as another engine can load it: the embedded model's de-quantized folder, else the name."""
+    return str(embedded_model_folder()) if cfg.name == EMBEDDED else cfg.name
+
+
 def model_label(cfg: ModelConfig) -> str:
     return EMBEDDED_ID if cfg.name == EMBEDDED else cfg.name
 

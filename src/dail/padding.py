@@ -38,6 +38,30 @@ def cache_arg(cache: Any) -> dict[str, Any]:
 _CACHE_ARG = "cache" if Version(transformers.__version__) >= Version("5.24.0") else "past_key_values"
 
 
+def _gqa_in_sdpa_on_cpu() -> None:
+    """Before 5.24, transformers' SDPA attention copies every key/value head `groups` times
+    (`repeat_kv`) whenever a mask is given, which dail's left-padded decoding always gives: the
+    whole KV cache, every step (measured on the embedded model: mixed decoding 15.8 tok/s on 5.19
+    against 38.6 on 5.24, which packs the query heads instead). torch's CPU SDPA takes masked GQA
+    itself (`enable_gqa`), so on the CPU this lets it: 34.6 tok/s on 5.19. Other devices keep
+    transformers' rule."""
+    from transformers.integrations import sdpa_attention
+
+    rule = sdpa_attention.use_gqa_in_sdpa
+    if getattr(rule, "dail", False):
+        return
+
+    def use_gqa_in_sdpa(attention_mask: Any, key: torch.Tensor, value: torch.Tensor) -> bool:
+        return key.device.type == "cpu" or rule(attention_mask, key, value)
+
+    use_gqa_in_sdpa.dail = True  # type: ignore[attr-defined]
+    sdpa_attention.use_gqa_in_sdpa = use_gqa_in_sdpa
+
+
+if _CACHE_ARG == "past_key_values":
+    _gqa_in_sdpa_on_cpu()
+
+
 KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys and values, each (R, heads, L, head_dim)
 
 

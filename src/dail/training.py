@@ -291,7 +291,10 @@ def _train(cfg: TrainConfig, accelerator: Any) -> Path:
     tok = load_tokenizer(cfg.model)
     model = load_model(cfg.model, device=accelerator.device)
     if cfg.gradient_checkpointing:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.24
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:  # the name before 5.24 (the floor, vLLM's pin)
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = attach_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules)
     model.train()
 

@@ -39,12 +39,14 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from dail import dist
 from dail.config import ConfigError, ModelConfig
 from dail.decoding import Decoded, choose, sample_seed
 from dail.models import EMBEDDED, embedded_model_folder, load_model, model_label, resolve_device, resolve_dtype
@@ -102,6 +104,7 @@ class _Call:
 
 
 _CALLS: dict[int, _Call] = {}
+PROFILE = {"apply_s": 0.0, "steps": 0}  # time spent in the processor (benchmarks/bench_engines.py reads it)
 _NEXT_CALL = itertools.count()
 
 
@@ -151,6 +154,7 @@ class DailLogits:
                 self.rows[a] = rb
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        t0 = time.perf_counter()
         by_call: dict[int, list[tuple[int, _Row]]] = {}
         for bi, row in self.rows.items():
             if bi < logits.shape[0]:
@@ -168,6 +172,8 @@ class DailLogits:
             ids = torch.tensor(forced_ids, device=logits.device)
             logits[idx] = float("-inf")
             logits[idx, ids] = 0.0
+        PROFILE["apply_s"] += time.perf_counter() - t0
+        PROFILE["steps"] += 1
         return logits
 
 
@@ -326,6 +332,13 @@ class VLLMSampler:
             raise ValueError("teacher_prompts must align with prompts")
         return self._run(prompts, teacher_prompts, seeds, sampling, tau, banned_ids, "student", False)
 
+    def score(self, sequences: list[list[int]]) -> list[list[float]]:
+        """Each sequence's log-probability of every token after the first, under the engine's
+        weights (vLLM's prompt log-probabilities, temperature 1, full vocabulary)."""
+        params = self._sampling_params(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
+        outs = self.llm.generate([{"prompt_token_ids": list(s)} for s in sequences], params, use_tqdm=False)
+        return [[lp[t].logprob for lp, t in zip(o.prompt_logprobs[1:], seq[1:])] for o, seq in zip(outs, sequences)]
+
     def push_weights(self, model: Any) -> None:
         raise NotImplementedError("the vllm engine samples frozen weights; GRPO rollouts need model.engine hf")
 
@@ -376,7 +389,7 @@ class VLLMSampler:
         settings = dict(temperature=sampling.temperature, top_p=sampling.top_p, tau=tau, writer=writer,
                         presence_penalty=sampling.presence_penalty, frequency_penalty=sampling.frequency_penalty)
         call = _Call(mixed, uniforms, settings, bool(sampling.presence_penalty or sampling.frequency_penalty),
-                     banned_ids, entropy, self.stop_ids[0])
+                     banned_ids, entropy, (self.stop_ids or [self.tokenizer.eos_token_id])[0])
         call_id = next(_NEXT_CALL)
         _CALLS[call_id] = call
         requests, params = [], []
@@ -418,6 +431,9 @@ class VLLMSampler:
 def open_vllm(cfg: ModelConfig, adapter: str, model: Any, tokenizer: Any, device: Any) -> VLLMSampler:
     """`sampler._ENGINES["vllm"]`: opens its own engine from the config; a loaded model cannot be
     handed to vLLM (it loads weights from a folder), so one passed in is refused."""
+    if dist.world()[1] > 1:
+        raise ConfigError("config field 'model.engine': the vllm engine batches all requests in one process; run "
+                          "it without accelerate launch (several processes would each start an engine)")
     if model is not None:
         raise ConfigError("config field 'model.engine': the vllm engine loads its weights from model.name "
                           "(+ the adapter); it cannot sample a model object already loaded")

@@ -102,6 +102,8 @@ def _prompt_hash(path: str) -> str:
 # field has no `model.engine`, and check_resumable skips a key the saved file lacks, so those
 # runs (all hf) still resume.
 ENGINES = ("hf", "vllm")
+_VLLM_NO_GRPO = ("GRPO pushes the policy's new weights to its sampler before every rollout, and the vllm engine "
+                 "samples frozen weights (it loads them once); use hf")
 
 
 @dataclass
@@ -529,9 +531,7 @@ class GRPOConfig:
 
     def __post_init__(self) -> None:
         _prompt_hash(self.prompts)
-        _check(self.model.engine != "vllm", "model.engine",
-               "GRPO pushes the policy's new weights to its sampler before every rollout, and the vllm engine samples "
-               "frozen weights (it loads them once); use hf")
+        _check(self.model.engine != "vllm", "model.engine", _VLLM_NO_GRPO)
         _check(self.hints in ("none", "self", "landmarks"), "hints",
                f"expected none|self|landmarks, got {self.hints!r}")
         _check(self.hints != "none" or not self.hints_file, "hints_file",
@@ -674,8 +674,7 @@ class CompareConfig:
         _check(all(k in ("train", "near", "far", "val") and _is_int(v) and v > 0 for k, v in self.split_n.items()),
                "split_n", f"expected {{split: n > 0}} over train|near|far|val, got {self.split_n!r}")
         _check(self.model.engine != "vllm" or not {"grpo", "nurl"} & set(self.methods), "model.engine",
-               "methods grpo and nurl need model.engine hf: " + "GRPO pushes the policy's new weights to its sampler before every rollout, and the vllm engine samples "
-               "frozen weights (it loads them once); use hf")
+               "methods grpo and nurl need model.engine hf: " + _VLLM_NO_GRPO)
 
 
 @dataclass

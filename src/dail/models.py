@@ -48,9 +48,13 @@ def embedded_folder() -> Path:
     return folder
 
 
+def cache_root() -> Path:
+    """dail's cache folder: `$DAIL_CACHE`, default `~/.cache/dail`."""
+    return Path(os.environ.get("DAIL_CACHE", Path.home() / ".cache" / "dail"))
+
+
 def _embedded_cache() -> Path:
-    root = Path(os.environ.get("DAIL_CACHE", Path.home() / ".cache" / "dail"))
-    return root / "smollm2-135m-instruct-q4_1-dequantized"
+    return cache_root() / "smollm2-135m-instruct-q4_1-dequantized"
 
 
 def embedded_model_folder() -> Path:

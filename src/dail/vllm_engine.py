@@ -49,7 +49,7 @@ import torch
 from dail import dist
 from dail.config import ConfigError, ModelConfig
 from dail.decoding import Decoded, choose, sample_seed
-from dail.models import EMBEDDED, embedded_model_folder, load_model, model_label, resolve_device, resolve_dtype
+from dail.models import EMBEDDED, cache_root, embedded_model_folder, load_model, model_label, resolve_device, resolve_dtype
 from dail.prompts import end_of_turn_ids
 
 __all__ = ["VLLMSampler", "DailLogits", "open_vllm", "INSTALL"]
@@ -270,7 +270,7 @@ def _weights_folder(cfg: ModelConfig, adapter: str) -> tuple[Path, Path | None]:
     model = PeftModel.from_pretrained(load_model(ModelConfig(name=cfg.name, dtype="float32", device="cpu",
                                                              trust_remote_code=cfg.trust_remote_code)),
                                       adapter).merge_and_unload()
-    root = Path(os.environ.get("DAIL_CACHE", Path.home() / ".cache" / "dail"))
+    root = cache_root()
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="merged-", dir=root))
     model.save_pretrained(tmp)

@@ -38,7 +38,7 @@ from dail.data import load_problems
 from dail.evaluation import evaluate
 from dail.layout import RunFolder, eval_files, finished_adapter, shared_synth, synth_files
 from dail.records import read_records
-from dail.sampler import open_sampler, with_dtype
+from dail.sampler import open_sampler, release, with_dtype
 from dail.select import select
 from dail.stages import command_folder, stage_config
 from dail.stats import BOOTSTRAP_RESAMPLES, paired_difference, per_problem_pass, resample_indices, transitions
@@ -199,11 +199,15 @@ def compare(cfg: CompareConfig) -> Path:
         for split in cfg.splits:  # the base model, once per split
             with _timed(timings, f"eval base {split}", timings_path):
                 evaluate(_eval_cfg(cfg, split, out / "base", ""), evaluator, tok, label="base")
-        sampler = evaluator if not cfg.eval.dtype else open_sampler(cfg.model, tokenizer=tok)  # synthesis: model.dtype
+        sampler = evaluator
+        if cfg.eval.dtype:  # synthesis samples in model.dtype; one engine alive at a time (a vLLM one holds its KV cache)
+            release(evaluator)
+            sampler = open_sampler(cfg.model, tokenizer=tok)
         del evaluator
         for mode in dict.fromkeys(METHODS[m]["synth"] for m in cfg.methods if METHODS[m]["synth"]):
             with _timed(timings, f"synth {mode}", timings_path):
                 synthesize(_synth_cfg(cfg, mode), sampler, tok)
+        release(sampler)
         del sampler
         for name, method, seed in method_runs(cfg):
             if method == "base":
@@ -221,6 +225,7 @@ def compare(cfg: CompareConfig) -> Path:
             for split in cfg.splits:
                 with _timed(timings, f"eval {name} {split}", timings_path):
                     evaluate(_eval_cfg(cfg, split, folder, str(adapter)), trained, tok, label=name)
+            release(trained)
             del trained
     if dist.world()[0] == 0:
         write_compare_report(cfg)

@@ -58,7 +58,7 @@ from dail.lock import output_lock
 from dail.models import check_adapter, check_source, load_tokenizer, model_label
 from dail.prompts import FORCED_ANSWER_CUE, FORCED_ANSWER_VERSION, load_prompts, set_thinking, think_close_ids
 from dail.records import append_record, merge_shards, read_records, write_records
-from dail.sampler import Sampler, Sampling, open_sampler, sample_seed, with_dtype
+from dail.sampler import Sampler, Sampling, open_sampler, release, sample_seed, with_dtype
 from dail.scoring import (budgets_of, dataset_name, grade_forced, grade_records, sample_prompt, sample_text,
                           shown_problem, summarize, write_summary)
 from dail.stats import BOOTSTRAP_RESAMPLES, bootstrap_ci, ks_for, pass_at_k
@@ -178,11 +178,18 @@ def evaluate(cfg: EvalConfig, sampler: Any = None, tokenizer: Any = None, label:
     if cfg.adapter:
         check_adapter(cfg.adapter)
     check_source(cfg.model)
-    with output_lock(eval_files(cfg.out)["lock"], f"{cfg.out}: evaluation", rank):
-        return _evaluate(cfg, sampler, tokenizer, label, rank, world_size)
+    opened: list[Any] = []  # a sampler _evaluate opened itself: released here (a vLLM engine holds its KV cache)
+    try:
+        with output_lock(eval_files(cfg.out)["lock"], f"{cfg.out}: evaluation", rank):
+            return _evaluate(cfg, sampler, tokenizer, label, rank, world_size, opened)
+    finally:
+        for s in opened:
+            if s is not sampler:
+                release(s)
 
 
-def _evaluate(cfg: EvalConfig, sampler: Any, tokenizer: Any, label: str | None, rank: int, world_size: int) -> dict:
+def _evaluate(cfg: EvalConfig, sampler: Any, tokenizer: Any, label: str | None, rank: int, world_size: int,
+              opened: list[Any]) -> dict:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     files = eval_files(out)
@@ -218,6 +225,7 @@ def _evaluate(cfg: EvalConfig, sampler: Any, tokenizer: Any, label: str | None, 
         sampler = None  # sampled in eval.dtype, not in the precision of the sampler (or model) passed in
     if todo:
         sampler = open_sampler(model_cfg, cfg.adapter, model=sampler, tokenizer=tok)
+        opened.append(sampler)
         t0, n_tok = time.perf_counter(), 0
         bar = tqdm(total=len(todo), desc=f"eval {out.name}", unit="sample", disable=rank != 0)
         with open(shard_file, "a", encoding="utf-8") as fh:
@@ -262,6 +270,7 @@ def _evaluate(cfg: EvalConfig, sampler: Any, tokenizer: Any, label: str | None, 
                                                          for b in budgets)]
         if unforced:  # forcing turned on, or budgets added, since these samples were drawn
             sampler = open_sampler(model_cfg, cfg.adapter, model=sampler, tokenizer=tok)
+            opened.append(sampler)
             by_id = {ex.id: ex for ex in problems}
             prompts = [sample_prompt(tok, by_id[r["id"]], r["sample_index"], cfg.seed, cfg.context, prompt_set)
                        for r in unforced]

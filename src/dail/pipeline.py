@@ -28,7 +28,7 @@ from dail.data import DataError
 from dail.layout import RunFolder, synth_files
 from dail.records import read_records
 from dail.report import write_report
-from dail.sampler import open_sampler
+from dail.sampler import open_sampler, release
 from dail.stages import command_folder, stage_config
 from dail.synthesis import synthesize
 from dail.training import train_or_reuse
@@ -69,10 +69,10 @@ def _run(cfg: RunConfig, folder: RunFolder, tokenizer: Any) -> None:
         log.info("evaluating the base model on %s problems", split)
         evaluate(_eval_cfg(cfg, data, folder.eval(f"base-{split}"), adapter=""), sampler, tokenizer, label="base")
 
+    release(sampler)  # before training (a vLLM engine holds its KV cache and lowers torch's threads while it lives);
+    del sampler       # evaluation of the trained model opens base + adapter fresh
     log.info("stage 2/3: training (%s) -> %s", cfg.train.loss, cfg.train.out)
     adapter = train_or_reuse(cfg.train)
-
-    del sampler  # evaluation of the trained model opens base + adapter fresh
     for split, data in evals:
         log.info("evaluating the trained model on %s problems", split)
         evaluate(_eval_cfg(cfg, data, folder.eval(f"trained-{split}"), adapter=str(adapter)), label="trained")

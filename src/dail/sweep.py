@@ -25,7 +25,7 @@ from dail import dist
 from dail.config import EvalConfig, SweepConfig, SynthConfig, TrainConfig
 from dail.evaluation import evaluate
 from dail.layout import RunFolder, eval_files, shared_synth, synth_files
-from dail.sampler import open_sampler, with_dtype
+from dail.sampler import open_sampler, release, with_dtype
 from dail.stages import command_folder, stage_config
 from dail.stats import paired_difference, per_problem_pass, resample_indices
 from dail.synthesis import synthesize
@@ -61,6 +61,7 @@ def sweep(cfg: SweepConfig) -> Path:
         evaluate(_eval_cfg(cfg, out / "base", ""), sampler, tok, label="base")
         for tau in cfg.taus:
             synthesize(_synth_cfg(cfg, tau), sampler, tok)
+        release(sampler)
         del sampler
         for tau in cfg.taus:
             for gamma in cfg.gammas:
@@ -68,6 +69,7 @@ def sweep(cfg: SweepConfig) -> Path:
                 adapter = train_or_reuse(_train_cfg(cfg, tau, gamma, folder))
                 trained = open_sampler(with_dtype(cfg.model, cfg.eval.dtype), str(adapter), tokenizer=tok)
                 evaluate(_eval_cfg(cfg, folder, str(adapter)), trained, tok, label=folder.name)
+                release(trained)
                 del trained
     if dist.world()[0] == 0:
         write_sweep_report(cfg)

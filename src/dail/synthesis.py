@@ -81,7 +81,7 @@ from dail import dist
 from dail.config import SynthConfig, check_resumable, save
 from dail.data import DataError, Example, load_examples
 from dail.records import append_record, merge_shards, read_records, write_records
-from dail.sampler import Sampler, Sampling, open_sampler, sample_seed
+from dail.sampler import Sampler, Sampling, open_sampler, release, sample_seed
 from dail.grading import grade_many
 from dail.landmarks import extract_landmarks
 from dail.layout import synth_files
@@ -131,7 +131,7 @@ def _synthesize(cfg: SynthConfig, sampler: Any, tokenizer: Any, examples: list[E
         tokenizer = sampler.tokenizer
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.model)
     set_thinking(tokenizer, cfg.model.thinking)  # every context below opens the thinking block, or none does
-    sampler = open_sampler(cfg.model, model=sampler, tokenizer=tokenizer)
+    given, sampler = sampler, open_sampler(cfg.model, model=sampler, tokenizer=tokenizer)
 
     done, solved, settled = _done(paths, rank, world)
     settled = settled if cfg.round_size else set()  # only rounds stop at a problem's first correct trajectory
@@ -147,6 +147,8 @@ def _synthesize(cfg: SynthConfig, sampler: Any, tokenizer: Any, examples: list[E
     finally:
         for fh in handles.values():
             fh.close()
+        if sampler is not given:  # opened here: release it (a vLLM engine holds its KV cache)
+            release(sampler)
     if run.shortened:
         log.info("%d problems had an expert solution too long for the model's window: cut to fit (long_solutions="
                  "shorten; each record's `shortened` says where)", run.shortened)

@@ -48,11 +48,11 @@ import torch
 
 from dail import dist
 from dail.config import ConfigError, ModelConfig
-from dail.decoding import Decoded, choose, sample_seed
+from dail.decoding import Decoded, choose
 from dail.models import EMBEDDED, cache_root, embedded_model_folder, load_model, model_label, resolve_device, resolve_dtype
 from dail.prompts import end_of_turn_ids
 
-__all__ = ["VLLMSampler", "DailLogits", "open_vllm", "INSTALL"]
+__all__ = ["VLLMSampler", "DailLogits", "open_vllm", "check_vllm_config", "INSTALL"]
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,14 @@ def _import_vllm() -> Any:
         import vllm
     except ImportError:
         raise ConfigError(f"config field 'model.engine': vllm is not installed: {INSTALL}") from None
+    logging.getLogger("vllm.renderers.base").addFilter(_no_chat_warmup)
     return vllm
+
+
+def _no_chat_warmup(record: logging.LogRecord) -> bool:
+    """Drop vLLM's "Chat template warmup failed" warning and its traceback, logged at every engine
+    start: dail tokenizes itself (skip_tokenizer_init), so vLLM has no chat template to warm up."""
+    return record.getMessage() != "Chat template warmup failed"
 
 
 # ----------------------------------------------------------------------------- per-call state
@@ -439,5 +446,3 @@ def open_vllm(cfg: ModelConfig, adapter: str, model: Any, tokenizer: Any, device
                           "(+ the adapter); it cannot sample a model object already loaded")
     return VLLMSampler(cfg, adapter, tokenizer)
 
-
-__all__ += ["check_vllm_config", "sample_seed"]

@@ -197,10 +197,10 @@ def test_the_vllm_engine_without_vllm_installed_names_the_install_command(monkey
     assert "\n" not in str(e.value)
 
 
-def test_a_run_saved_before_the_engine_field_still_resumes(tmp_path):
+def test_a_run_resumes_whatever_engine_saved_it_but_not_another_precision(tmp_path):
     import yaml
 
-    from dail.config import EvalConfig, check_resumable, resume_keys, save
+    from dail.config import EvalConfig, ModelConfig, check_resumable, resume_keys, save
 
     def saved_with(cls, engine):  # engine None: a config.yaml written before the field existed
         path = tmp_path / "config.yaml"
@@ -214,12 +214,16 @@ def test_a_run_saved_before_the_engine_field_still_resumes(tmp_path):
 
     for cls in (SynthConfig, EvalConfig, TrainConfig):
         check_resumable(saved_with(cls, None), cls(), "x")
-    # Another engine (a future one) samples differently: a sampling stage refuses to mix the two.
-    with pytest.raises(ConfigError, match="different 'model.engine'"):
-        check_resumable(saved_with(SynthConfig, "other"), SynthConfig(), "x")
-    # Training samples nothing, so the engine is no resume key there.
-    check_resumable(saved_with(TrainConfig, "other"), TrainConfig(), "x")
-    assert "model.engine" not in resume_keys(TrainConfig) and "model.name" in resume_keys(TrainConfig)
+    # The engine is no resume key: both engines take the same decisions from the same uniforms,
+    # so a stage interrupted on one continues on the other (each record names its engine). The
+    # precision, which changes the distribution, still refuses.
+    for cls in (SynthConfig, EvalConfig, TrainConfig):
+        check_resumable(saved_with(cls, "vllm"), cls(), "x")
+        keys = resume_keys(cls)
+        assert "model.engine" not in keys and "model.name" in keys and "model.dtype" in keys
+    path = saved_with(EvalConfig, "vllm")
+    with pytest.raises(ConfigError, match="different 'model.dtype'"):
+        check_resumable(path, EvalConfig(model=ModelConfig(dtype="bfloat16")), "x")
 
 
 def test_sampling_fields_are_checked_alike_in_every_stage():

@@ -183,6 +183,7 @@ def test_mixed_synthesis_on_64_trajectories_agrees_with_hf(tok, engines, hf, tmp
     v_path = synthesize(cfg(tmp_path / "vllm.jsonl", "vllm", "bfloat16"), engines("bfloat16"), tok)
     (hr, ht, hn, hc), (vr, vt, vn, vc) = _synth_stats(h_path), _synth_stats(v_path)
     assert len(hr) == len(vr) == 64
+    assert {r["engine"] for r in hr} == {"hf"} and {r["engine"] for r in vr} == {"vllm"}
     for r in vr:  # the same record fields, every per-token list aligned
         assert set(r) == set(hr[0])
         assert len(r["trajectory_ids"]) == len(r["teacher_mask"]) == len(r["p_student"]) == len(r["q"])
@@ -210,6 +211,7 @@ def test_dail_eval_on_vllm_writes_what_the_hf_engine_writes(tok, engines, hf, tm
     hs = [json.loads(line) for line in open(tmp_path / "hf" / "samples.jsonl")]
     vs = [json.loads(line) for line in open(tmp_path / "vllm" / "samples.jsonl")]
     assert [set(r) for r in hs] == [set(r) for r in vs]
+    assert {r["engine"] for r in hs} == {"hf"} and {r["engine"] for r in vs} == {"vllm"}
     # fp32 on both engines, the same seeds: the same samples but for kernel rounding near ties
     same = sum(a["token_ids"] == b["token_ids"] for a, b in zip(hs, vs))
     print(f"identical samples: {same} of {len(hs)}")

@@ -97,10 +97,12 @@ def _prompt_hash(path: str) -> str:
         raise ConfigError(f"config field 'prompts': {e}") from None
 
 
-# Sampling engines. `model.engine` is a resume key of the stages that sample (a rerun never mixes
-# engines in one file), not of training, which samples nothing. A config.yaml saved before the
-# field has no `model.engine`, and check_resumable skips a key the saved file lacks, so those
-# runs (all hf) still resume.
+# Sampling engines. `model.engine` is not a resume key: a stage interrupted on one engine may
+# continue on the other. Both take the same decisions from the same per-row uniforms (the replay
+# test, tests/test_vllm_engine.py); their logits differ by kernel rounding, as one engine's do
+# between batch sizes (fp32: 4e-5 in log-probability at worst on the embedded model). What does
+# change the distribution, `model.dtype` / `eval.dtype`, stays a resume key. Every record names
+# the engine that wrote it (`engine`), so a file that holds both says so.
 ENGINES = ("hf", "vllm")
 _VLLM_NO_GRPO = ("GRPO pushes the policy's new weights to its sampler before every rollout, and the vllm engine "
                  "samples frozen weights (it loads them once); use hf")
@@ -181,7 +183,7 @@ class SynthConfig:
     # samples_per_problem. Not a field: a fixed part of the record format.
     STAR_RATIONALIZED_FROM = 1000
 
-    model: ModelConfig = _sub(ModelConfig, "Model.", resume=True)
+    model: ModelConfig = _sub(ModelConfig, "Model.", resume=True, resume_except=("engine",))
     # A rerun may grow data.limit (and samples_per_problem): it then adds the missing records.
     data: DataConfig = _sub(DataConfig, "Expert problems.", resume=True, resume_except=("limit",))
     out: str = _f("runs/synth/synthetic.jsonl", "Synthetic-set JSONL (appended to; finished records "
@@ -384,7 +386,7 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    model: ModelConfig = _sub(ModelConfig, "Base model.", resume=True)
+    model: ModelConfig = _sub(ModelConfig, "Base model.", resume=True, resume_except=("engine",))
     adapter: str = _f("", "PEFT adapter folder to evaluate on top of the base model ('' = base model).",
                       resume=True)
     # A rerun may grow data.limit (and n): it then samples only what is missing.

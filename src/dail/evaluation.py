@@ -238,6 +238,7 @@ def _evaluate(cfg: EvalConfig, sampler: Any, tokenizer: Any, label: str | None, 
                 records = [{"id": ex.id, "sample_index": j, "kind": kind, "gold": gold,
                             "text": sample_text(tok, d.tokens), "n_tokens": len(d.tokens),
                             "finish_reason": d.finish_reason, "token_ids": d.tokens, "thinking": thinking,
+                            "engine": sampler.engine,
                             "prompt_hash": prompt_set.hash,
                             **({"entropy": sum(d.entropy) / max(len(d.entropy), 1)} if cfg.entropy else {})}
                            for (ex, j), (_, gold, kind), d in zip(batch, shown, decoded)]

@@ -72,6 +72,7 @@ class Sampler(Protocol):
     """What every engine provides (see the module docstring)."""
     tokenizer: Any
     label: str           # the model as records name it (`models.model_label`, + adapter)
+    engine: str          # `ModelConfig.engine`'s name for it; every record says which engine wrote it
     stop_ids: list[int]  # a sequence ends at any of these (included in its tokens)
     dtype: str           # the weights' dtype as torch names it ("float32", "bfloat16")
 
@@ -90,6 +91,8 @@ class Sampler(Protocol):
 
 class HFSampler:
     """dail's own decoding loop (`decoding.decode`) over a transformers model, PEFT adapter or not."""
+
+    engine = "hf"
 
     def __init__(self, model: Any, tokenizer: Any, label: str = "") -> None:
         self.model, self.tokenizer, self.label = model, tokenizer, label

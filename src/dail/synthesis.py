@@ -400,7 +400,7 @@ class _Runner:
                     "finish_reason": d.finish_reason, "mode": cfg.mode, "tau": cfg.tau,
                     "temperature": cfg.temperature, "top_p": cfg.top_p, "thinking": self.thinking,
                     "presence_penalty": cfg.presence_penalty, "frequency_penalty": cfg.frequency_penalty,
-                    "seed": seed, "sample_index": j.index, "model": self.label,
+                    "seed": seed, "sample_index": j.index, "model": self.label, "engine": self.sampler.engine,
                     "prompt_version": self.prompts.version, "prompt_hash": self.prompts.hash, "correct": correct,
                 }
                 if cfg.mode != "star":  # training builds the teacher's context from it: the one that wrote it

@@ -298,6 +298,8 @@ def check_vllm_config(cfg: ModelConfig) -> None:
 class VLLMSampler:
     """`Sampler` on a vLLM engine (module docstring). `close()` releases the engine."""
 
+    engine = "vllm"
+
     def __init__(self, cfg: ModelConfig, adapter: str = "", tokenizer: Any = None) -> None:
         check_vllm_config(cfg)
         device = resolve_device(cfg.device)

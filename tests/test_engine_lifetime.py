@@ -1,8 +1,8 @@
 """Every stage releases the engines it opens: one alive at a time, none while a model trains.
 
-A vLLM engine holds its KV cache (GiBs) and lowers torch's thread count while it lives, so a
-`dail run` or `dail compare` that only dropped its reference would train on fewer threads beside
-a dead engine's cache. These tests swap the HF engine for one that counts the engines alive.
+A vLLM engine holds its KV cache (GiBs) and binds its threads to the cores while it lives, so a
+`dail run` or `dail compare` that only dropped its reference would train beside a live engine's cache
+and threads. These tests swap the HF engine for one that counts the engines alive.
 """
 
 from __future__ import annotations

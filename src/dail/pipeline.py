@@ -69,7 +69,7 @@ def _run(cfg: RunConfig, folder: RunFolder, tokenizer: Any) -> None:
         log.info("evaluating the base model on %s problems", split)
         evaluate(_eval_cfg(cfg, data, folder.eval(f"base-{split}"), adapter=""), sampler, tokenizer, label="base")
 
-    release(sampler)  # before training (a vLLM engine holds its KV cache and lowers torch's threads while it lives);
+    release(sampler)  # before training (a vLLM engine holds its KV cache and binds its threads to the cores);
     del sampler       # evaluation of the trained model opens base + adapter fresh
     log.info("stage 2/3: training (%s) -> %s", cfg.train.loss, cfg.train.out)
     adapter = train_or_reuse(cfg.train)

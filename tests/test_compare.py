@@ -60,7 +60,7 @@ def test_compare_tiny_end_to_end_and_resume(tiny_dir, tmp_path):
     out = tmp_path / "cmp"
     argv = ["compare", "--out", str(out), "--model.name", str(tiny_dir), "--model.device", "cpu",
             "--data.limit", "2", "--test_limit", "2", "--methods", "base,sft,nll,dail", "--seeds", "0,1",
-            "--seed_methods", "dail", "--splits", "train,near,far",
+            "--seed_methods", "dail", "--splits", "train,near,far", "--split_n", "{near: 1}",
             "--synth.max_new_tokens", "8", "--synth.samples_per_problem", "1",
             "--train.epochs", "1", "--train.batch_size", "2", "--train.micro_batch_size", "1",
             "--train.report_to", "none", "--train.max_length", "4096",
@@ -86,6 +86,9 @@ def test_compare_tiny_end_to_end_and_resume(tiny_dir, tmp_path):
     assert far["runs"]["sft"]["vs"]["base"]["8"]["1"]["mean"] == pytest.approx(want)
     report = (out / "report.md").read_text()
     assert report.index("## pass@k") < report.index("## Plots") and "Training-seed variation" in report
+    # Each split is read at its own ks: near has n = 1 (split_n), the others n = 2.
+    assert comp["splits"]["near"]["ks"] == [1] and "near pass@1 | near pass@1" in report
+    assert "| dail | near | 1 / 1 |" in report and "| dail | far | 1 / 2 |" in report
     for png in ("compare_passk.png", "compare_delta_base.png", "compare_gap.png", "compare_budget.png"):
         assert (out / png).stat().st_size > 10_000
     # A rerun resumes: nothing is resampled or retrained.

@@ -376,7 +376,7 @@ def _plot_gap(comp: dict, out: Path) -> str | None:
     if "train" not in comp["splits"] or held is None:
         return None
     tr, te = comp["splits"]["train"], comp["splits"][held]
-    k, top = str(max(tr["ks"])), str(max(tr["budgets"]))
+    k, top = str(min(max(tr["ks"]), max(te["ks"]))), str(max(tr["budgets"]))  # a k both splits reach
     names = [n for n in tr["runs"] if n in te["runs"]]
     x = np.arange(len(names))
     fig = Figure(figsize=(max(6.0, 1.1 * len(names) + 2), 4.4), dpi=120, layout="constrained")
@@ -433,24 +433,28 @@ def write_compare_report(cfg: CompareConfig) -> Path:
         (out / "report.md").write_text("\n".join(md), encoding="utf-8")
         return out / "report.md"
     first = comp["splits"][splits[0]]
-    k_lo, k_hi, top = str(min(first["ks"])), str(max(first["ks"])), str(max(first["budgets"]))
+    top = str(max(first["budgets"]))
+    # each split's own k range: split_n gives splits different n, so pass@k is read at the ks each has
+    k_lo = {sp: str(min(comp["splits"][sp]["ks"])) for sp in splits}
+    k_hi = {sp: str(max(comp["splits"][sp]["ks"])) for sp in splits}
     md += [f"Model `{cfg.model.name}`; data `{cfg.data.source}` (split seed {cfg.data.seed}). "
-           + "; ".join(f"{sp}: {comp['splits'][sp]['n_problems']} problems" for sp in splits)
-           + f". n = {first['n']} samples per problem, temperature {cfg.eval.temperature}, "
+           + "; ".join(f"{sp}: {comp['splits'][sp]['n_problems']} problems, n = {comp['splits'][sp]['n']}"
+                       for sp in splits)
+           + f" samples per problem; temperature {cfg.eval.temperature}, "
              f"{top} new tokens. 95% CIs: bootstrap over problems "
              f"({BOOTSTRAP_RESAMPLES} resamples); differences are paired (the same resampled "
              "problems for every method).", ""]
-    header = "| method | " + " | ".join(f"{sp} pass@{k_lo} | {sp} pass@{k_hi}" for sp in splits) + " |"
+    header = "| method | " + " | ".join(f"{sp} pass@{k_lo[sp]} | {sp} pass@{k_hi[sp]}" for sp in splits) + " |"
     md += ["## pass@k", "", header, "|---|" + "---|---|" * len(splits)]
     for name in comp["splits"][splits[0]]["runs"]:
         cells = []
         for sp in splits:
             e = comp["splits"][sp]["runs"].get(name)
-            cells += [_fmt(e["by_budget"][top]["pass_at_k"][k]) if e else "–" for k in (k_lo, k_hi)]
+            cells += [_fmt(e["by_budget"][top]["pass_at_k"][k]) if e else "–" for k in (k_lo[sp], k_hi[sp])]
         md.append(f"| {_label(comp['runs'], name)} | " + " | ".join(cells) + " |")
-    md += ["", f"## Difference to base and to NLL (paired, pass@{k_lo} / pass@{k_hi})", "",
-           "| method | split | vs base pass@" + k_lo + " | vs base pass@" + k_hi + " | vs nll pass@" + k_hi
-           + " | unsolved→solved | solved→unsolved |", "|---|---|---|---|---|---|---|"]
+    md += ["", "## Difference to base and to NLL (paired, at the smallest and the largest k of each split)", "",
+           "| method | split | k | vs base, smallest k | vs base, largest k | vs nll, largest k "
+           "| unsolved→solved | solved→unsolved |", "|---|---|---|---|---|---|---|---|"]
     for name in comp["splits"][splits[0]]["runs"]:
         if name == "base":
             continue
@@ -460,21 +464,24 @@ def write_compare_report(cfg: CompareConfig) -> Path:
                 continue
             vb, vn = e["vs"].get("base", {}).get(top, {}), e["vs"].get("nll", {}).get(top, {})
             t = e["transitions_vs_base"]
-            md.append(f"| {name} | {sp} | {_fmt_delta(vb[k_lo]) if vb else '–'} | "
-                      f"{_fmt_delta(vb[k_hi]) if vb else '–'} | {_fmt_delta(vn[k_hi]) if vn else '–'} | "
+            lo, hi = k_lo[sp], k_hi[sp]
+            md.append(f"| {name} | {sp} | {lo} / {hi} | {_fmt_delta(vb[lo]) if vb else '–'} | "
+                      f"{_fmt_delta(vb[hi]) if vb else '–'} | {_fmt_delta(vn[hi]) if vn else '–'} | "
                       f"{t['unsolved_to_solved']} | {t['solved_to_unsolved']} |")
     seeded = [m for m in cfg.seed_methods if m in cfg.methods]
     if len(cfg.seeds) > 1 and seeded:
-        md += ["", "## Training-seed variation", "", "| method | split | " +
-               " | ".join(f"seed {s} pass@{k_hi}" for s in cfg.seeds) + " | spread |", "|---|---|" + "---|" * (len(cfg.seeds) + 1)]
+        md += ["", "## Training-seed variation", "", "pass@k at each split's largest k.", "",
+               "| method | split | k | " + " | ".join(f"seed {s}" for s in cfg.seeds) + " | spread |",
+               "|---|---|---|" + "---|" * (len(cfg.seeds) + 1)]
         names = {(m, s): name for name, m, s in method_runs(cfg)}
         for m in seeded:
             for sp in splits:
                 vals = [comp["splits"][sp]["runs"].get(names[(m, s)]) for s in cfg.seeds]
                 if not all(vals):
                     continue
-                v = [x["by_budget"][top]["pass_at_k"][k_hi]["mean"] for x in vals]
-                md.append(f"| {m} | {sp} | " + " | ".join(f"{x:.3f}" for x in v) + f" | {max(v) - min(v):.3f} |")
+                v = [x["by_budget"][top]["pass_at_k"][k_hi[sp]]["mean"] for x in vals]
+                md.append(f"| {m} | {sp} | {k_hi[sp]} | " + " | ".join(f"{x:.3f}" for x in v)
+                          + f" | {max(v) - min(v):.3f} |")
     md += ["", "## Diversity", "", "Distinct final answers among a problem's n samples (mean over problems), the "
            "share of samples with a findable answer, and the mean entropy (nats per token) of the model where it "
            "wrote (eval.entropy).", "", "| method | split | distinct answers | answer found | entropy |",

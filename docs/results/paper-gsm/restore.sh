@@ -21,8 +21,19 @@ cp "$HERE/select/eval-config.yaml" "$RUN/select/eval/config.yaml"
 # select/experts.jsonl is not restored: compare writes it again from the samples (dail select).
 unpack "$HERE/ceiling/samples.jsonl.gz" "$RUN/ceiling/eval/train/samples.jsonl"
 cp "$HERE/ceiling/summary.json" "$RUN/ceiling/eval/train/summary.json"
-unpack "$HERE/summaries/base/val.samples.jsonl.gz" "$RUN/base/eval/val/samples.jsonl"
-cp "$HERE/summaries/base/val.json" "$RUN/base/eval/val/summary.json"
+# Every committed evaluation: summaries/<method>/<split>.json, .samples.jsonl.gz and, where kept, -config.yaml.
+# The trained methods' adapters are not committed, so compare trains them again before it would
+# sample more (training is deterministic here: a retrained NLL matched its first run's loss at every step).
+for summary in "$HERE"/summaries/*/*.json; do
+  method=$(basename "$(dirname "$summary")")
+  split=$(basename "$summary" .json)
+  case "$split" in far|near|train|val) ;; *) continue ;; esac
+  unpack "$HERE/summaries/$method/$split.samples.jsonl.gz" "$RUN/$method/eval/$split/samples.jsonl"
+  cp "$summary" "$RUN/$method/eval/$split/summary.json"
+  if [ -f "$HERE/summaries/$method/$split-config.yaml" ]; then
+    cp "$HERE/summaries/$method/$split-config.yaml" "$RUN/$method/eval/$split/config.yaml"
+  fi
+done
 if [ -d "$HERE/data/mixed" ]; then
   for f in "$HERE"/data/mixed/*.jsonl.gz; do
     unpack "$f" "$RUN/data/mixed/$(basename "${f%.gz}")"

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# The inverse of restore.sh: copy every finished stage of runs/paper-gsm into this folder
+# (evaluations with their samples compressed, training logs, timings), never weights.
+# Safe to run at any time, also while compare runs: an evaluation is copied only once its
+# summary.json exists, and one already here is copied again only if its summary changed.
+# Prints the files it wrote, one per line.
+set -euo pipefail
+cd "$(dirname "$0")/../../.."
+HERE=docs/results/paper-gsm
+RUN=${1:-runs/paper-gsm}
+[ -d "$RUN" ] || { echo "save.sh: no run folder $RUN" >&2; exit 1; }
+for summary in "$RUN"/*/eval/*/summary.json; do
+  [ -f "$summary" ] || continue
+  dir=$(dirname "$summary")
+  split=$(basename "$dir")
+  method=$(basename "$(dirname "$(dirname "$dir")")")
+  case "$method" in select|ceiling) continue ;; esac   # their own folders, saved by hand
+  dest="$HERE/summaries/$method"
+  if cmp -s "$summary" "$dest/$split.json"; then continue; fi
+  mkdir -p "$dest"
+  gzip -n -c "$dir/samples.jsonl" > "$dest/$split.samples.jsonl.gz.tmp"
+  mv "$dest/$split.samples.jsonl.gz.tmp" "$dest/$split.samples.jsonl.gz"
+  [ -f "$dir/config.yaml" ] && cp "$dir/config.yaml" "$dest/$split-config.yaml"
+  cp "$summary" "$dest/$split.json"
+  echo "$dest/$split.json"
+done
+# Training logs of every trained method (the adapter itself stays in the run folder).
+for info in "$RUN"/*/train/train_info.json; do
+  [ -f "$info" ] || continue
+  dir=$(dirname "$info")
+  method=$(basename "$(dirname "$dir")")
+  dest="$HERE/summaries/$method"
+  if cmp -s "$info" "$dest/train-train_info.json"; then continue; fi
+  mkdir -p "$dest"
+  for f in config.yaml metrics.jsonl train_info.json; do
+    [ -f "$dir/$f" ] && cp "$dir/$f" "$dest/train-$f"
+  done
+  echo "$dest/train-train_info.json"
+done
+if [ -f "$RUN/timings.json" ] && ! cmp -s "$RUN/timings.json" "$HERE/timings.json"; then
+  cp "$RUN/timings.json" "$HERE/timings.json"
+  echo "$HERE/timings.json"
+fi

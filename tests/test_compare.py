@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -185,3 +186,55 @@ def test_compare_selects_its_training_problems_measures_the_teachers_ceiling_and
     assert list(near["per_problem_correct"]) == [e.id for e in near_problems] and len(near_problems) == 3
     assert {e.meta["template"] for e in near_problems} <= {e.meta["template"] for e in problems}
     assert not {e.problem for e in near_problems} & {e.problem for e in problems}
+
+
+def _fake_eval(folder, counts: dict[str, int], n: int) -> None:
+    """An eval folder as `dail eval` leaves it: per-problem correct counts, one budget (8), ks 1, 2, .. n."""
+    folder.mkdir(parents=True)
+    ks = [2 ** i for i in range(n.bit_length())]
+    cell = {str(k): {"mean": 0.1, "ci_low": 0.0, "ci_high": 0.2} for k in ks}
+    (folder / "summary.json").write_text(json.dumps({
+        "per_problem_correct": counts, "n": n, "ks": ks, "budgets": [8], "by_budget": {"8": {"pass_at_k": cell}},
+        "mean_tokens": 5.0, "distinct_answers": 1.5, "answer_found_fraction": 0.5, "mean_entropy": 0.7}))
+    with open(folder / "samples.jsonl", "w") as f:
+        for pid, c in counts.items():
+            for j in range(n):
+                f.write(json.dumps({"id": pid, "correct_at_budget": {"8": j < c}}) + "\n")
+
+
+def test_report_shows_a_method_evaluated_on_a_later_split_only(tmp_path, monkeypatch):
+    """`dail compare --methods base,dail_forward --splits train` after a run of base, nll and dail on
+    far and train: the forward run is in the tables, the legends and the paired difference to DAIL."""
+    from dail import compare
+
+    figures = {}
+    monkeypatch.setattr(compare.Figure, "savefig", lambda fig, path, **kw: figures.__setitem__(Path(path).name, fig))
+    out = tmp_path / "cmp"
+    far, train = {"a": 0, "b": 1, "c": 2}, {"x": 0, "y": 1}
+    for name in ("base", "nll", "dail"):
+        _fake_eval(out / name / "eval" / "far", far, 4)
+        _fake_eval(out / name / "eval" / "train", train, 2)
+    _fake_eval(out / "dail_forward" / "eval" / "train", {"x": 2, "y": 2}, 2)
+    cfg = build(CompareConfig, None, {"out": str(out), "methods": "base,nll,dail,dail_forward", "splits": "far,train"})
+    lines = compare.write_compare_report(cfg).read_text().splitlines()
+    comp = json.loads((out / "comparison.json").read_text())
+    assert "dail_forward" not in comp["splits"]["far"]["runs"]
+    # forward - reverse on train: pass@1 1 against (0 + 0.5) / 2, pass@2 1 against (0 + 1) / 2
+    vs = comp["splits"]["train"]["runs"]["dail_forward"]["vs"]["dail"]["8"]
+    assert vs["1"]["mean"] == pytest.approx(0.75) and vs["2"]["mean"] == pytest.approx(0.5)
+    label = compare.METHODS["dail_forward"]["label"]
+    pass_row = next(line for line in lines if line.startswith(f"| {label} |"))
+    assert pass_row.count("–") == 2  # far pass@1 and pass@4: not evaluated there
+    diff_row = next(line for line in lines if line.startswith("| dail_forward | train | 1 / 2 |"))
+    # base, nll and dail are the same runs here: vs base at pass@1 and pass@2, vs nll and vs dail at pass@2
+    assert diff_row.split(" | ")[3:7] == ["+0.750 [+0.50, +1.00]"] + ["+0.500 [+0.00, +1.00]"] * 3
+    assert any(line.startswith("| dail_forward | train | 1.50 |") for line in lines)  # diversity
+    for png in ("compare_passk.png", "compare_budget.png"):
+        if png in figures:
+            legend = figures[png].axes[-1].get_legend()
+            assert label in [t.get_text() for t in legend.get_texts()], png
+    assert "compare_passk.png" in figures
+    # A run keeps its colour in every panel: nll is C0 on far and on train.
+    far_ax, train_ax = figures["compare_passk.png"].axes[:2]
+    colour = {ax: {l.get_label(): l.get_color() for l in ax.get_lines()} for ax in (far_ax, train_ax)}
+    assert colour[far_ax][compare.METHODS["nll"]["label"]] == colour[train_ax][compare.METHODS["nll"]["label"]]

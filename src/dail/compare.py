@@ -313,21 +313,40 @@ def _panels(n: int) -> tuple[Figure, Any]:
     return fig, fig.subplots(1, n, squeeze=False)[0]
 
 
+def _run_names(comp: dict) -> list[str]:
+    """Every run evaluated on at least one split, in config order. A method can be evaluated on
+    some splits only (`dail compare --splits train` for one of them), so no single split lists them all."""
+    return [name for name in comp["runs"] if any(name in s["runs"] for s in comp["splits"].values())]
+
+
 def _method_lines(ax: Any, comp: dict, split: dict, xs: list[int], value: Any, band: Any = None) -> None:
     """One line per method over `xs` (log2 axis), `value(entry, x)` its height and `band(entry, x)`
     its CI (low, high), drawn as a shaded band. Methods often tie (at 0 on hard problems): a small
-    sideways dodge and distinct markers keep every line visible."""
-    names = list(split["runs"])
+    sideways dodge and distinct markers keep every line visible. A run keeps its colour and marker
+    in every panel, also where another run is missing from one."""
+    names = _run_names(comp)
     for i, name in enumerate(names):
+        if name not in split["runs"]:
+            continue
         dodge = 2 ** (0.05 * (i - (len(names) - 1) / 2))
         line, = ax.plot([x * dodge for x in xs], [value(split["runs"][name], x) for x in xs],
                         marker=_MARKERS[i % len(_MARKERS)], ls="--" if name == "base" else "-",
-                        color="black" if name == "base" else None, label=_label(comp["runs"], name))
+                        color="black" if name == "base" else f"C{i - 1 if 'base' in names else i}",
+                        label=_label(comp["runs"], name))
         if band is not None:
             lo, hi = zip(*(band(split["runs"][name], x) for x in xs))
             ax.fill_between([x * dodge for x in xs], lo, hi, color=line.get_color(), alpha=0.12, linewidth=0)
     ax.set_xscale("log", base=2)
     ax.set_xticks(xs, [str(x) for x in xs])
+
+
+def _legend(axes: Any) -> None:
+    """One legend beside the last panel, with every run drawn in any panel."""
+    handles = {}
+    for ax in axes:
+        for h, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, h)
+    axes[-1].legend(handles.values(), handles.keys(), fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))
 
 
 def _plot_passk(comp: dict, out: Path) -> str:
@@ -343,7 +362,7 @@ def _plot_passk(comp: dict, out: Path) -> str:
         ax.set_ylabel("pass@k")
         ax.set_title(f"{_SPLIT_TITLES[split]}\n{s['n_problems']} problems, n = {s['n']}, {top} tokens", fontsize=9)
         ax.grid(alpha=0.3)
-    axes[-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    _legend(axes)
     fig.savefig(out / "compare_passk.png")
     return "compare_passk.png"
 
@@ -408,7 +427,7 @@ def _plot_budget(comp: dict, out: Path) -> str | None:
         ax.set_ylabel(f"pass@{k}")
         ax.set_title(_SPLIT_TITLES[split], fontsize=9)
         ax.grid(alpha=0.3)
-    axes[-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    _legend(axes)
     fig.savefig(out / "compare_budget.png")
     return "compare_budget.png"
 
@@ -446,27 +465,29 @@ def write_compare_report(cfg: CompareConfig) -> Path:
              "problems for every method).", ""]
     header = "| method | " + " | ".join(f"{sp} pass@{k_lo[sp]} | {sp} pass@{k_hi[sp]}" for sp in splits) + " |"
     md += ["## pass@k", "", header, "|---|" + "---|---|" * len(splits)]
-    for name in comp["splits"][splits[0]]["runs"]:
+    for name in _run_names(comp):
         cells = []
         for sp in splits:
             e = comp["splits"][sp]["runs"].get(name)
             cells += [_fmt(e["by_budget"][top]["pass_at_k"][k]) if e else "–" for k in (k_lo[sp], k_hi[sp])]
         md.append(f"| {_label(comp['runs'], name)} | " + " | ".join(cells) + " |")
-    md += ["", "## Difference to base and to NLL (paired, at the smallest and the largest k of each split)", "",
-           "| method | split | k | vs base, smallest k | vs base, largest k | vs nll, largest k "
-           "| unsolved→solved | solved→unsolved |", "|---|---|---|---|---|---|---|---|"]
-    for name in comp["splits"][splits[0]]["runs"]:
+    md += ["", "## Difference to base, NLL and DAIL (paired, at the smallest and the largest k of each split)", "",
+           "DAIL's variants (direct, forward KL) are set against DAIL with mixed trajectories and the reverse KL.", "",
+           "| method | split | k | vs base, smallest k | vs base, largest k | vs nll, largest k | vs dail, largest k "
+           "| unsolved→solved | solved→unsolved |", "|---|---|---|---|---|---|---|---|---|"]
+    for name in _run_names(comp):
         if name == "base":
             continue
         for sp in splits:
             e = comp["splits"][sp]["runs"].get(name)
             if not e:
                 continue
-            vb, vn = e["vs"].get("base", {}).get(top, {}), e["vs"].get("nll", {}).get(top, {})
+            vb, vn, vd = (e["vs"].get(ref, {}).get(top, {}) for ref in ("base", "nll", "dail"))
             t = e["transitions_vs_base"]
             lo, hi = k_lo[sp], k_hi[sp]
             md.append(f"| {name} | {sp} | {lo} / {hi} | {_fmt_delta(vb[lo]) if vb else '–'} | "
                       f"{_fmt_delta(vb[hi]) if vb else '–'} | {_fmt_delta(vn[hi]) if vn else '–'} | "
+                      f"{_fmt_delta(vd[hi]) if vd and name != 'nll' else '–'} | "
                       f"{t['unsolved_to_solved']} | {t['solved_to_unsolved']} |")
     seeded = [m for m in cfg.seed_methods if m in cfg.methods]
     if len(cfg.seeds) > 1 and seeded:
@@ -486,7 +507,7 @@ def write_compare_report(cfg: CompareConfig) -> Path:
            "share of samples with a findable answer, and the mean entropy (nats per token) of the model where it "
            "wrote (eval.entropy).", "", "| method | split | distinct answers | answer found | entropy |",
            "|---|---|---|---|---|"]
-    for name in comp["splits"][splits[0]]["runs"]:
+    for name in _run_names(comp):
         for sp in splits:
             d = (comp["splits"][sp]["runs"].get(name) or {}).get("diversity")
             if d:

@@ -12,7 +12,8 @@ from dail.cli import main
 from dail.compare import method_runs, split_data
 from dail.config import CompareConfig, ConfigError, build
 from dail.data import load_examples
-from dail.records import read_records
+from dail.layout import RunFolder, eval_files
+from dail.records import read_records, write_records
 from dail.stats import paired_difference, per_problem_pass, resample_indices, transitions
 
 
@@ -189,17 +190,18 @@ def test_compare_selects_its_training_problems_measures_the_teachers_ceiling_and
 
 
 def _fake_eval(folder, counts: dict[str, int], n: int) -> None:
-    """An eval folder as `dail eval` leaves it: per-problem correct counts, one budget (8), ks 1, 2, .. n."""
+    """An eval folder as `dail eval` leaves it: per-problem correct counts (the same at both budgets,
+    4 and 8 tokens), ks 1, 2, .. n."""
+    files = eval_files(folder)
     folder.mkdir(parents=True)
     ks = [2 ** i for i in range(n.bit_length())]
     cell = {str(k): {"mean": 0.1, "ci_low": 0.0, "ci_high": 0.2} for k in ks}
-    (folder / "summary.json").write_text(json.dumps({
-        "per_problem_correct": counts, "n": n, "ks": ks, "budgets": [8], "by_budget": {"8": {"pass_at_k": cell}},
+    files["summary"].write_text(json.dumps({
+        "per_problem_correct": counts, "n": n, "ks": ks, "budgets": [4, 8],
+        "by_budget": {b: {"pass_at_k": cell} for b in ("4", "8")},
         "mean_tokens": 5.0, "distinct_answers": 1.5, "answer_found_fraction": 0.5, "mean_entropy": 0.7}))
-    with open(folder / "samples.jsonl", "w") as f:
-        for pid, c in counts.items():
-            for j in range(n):
-                f.write(json.dumps({"id": pid, "correct_at_budget": {"8": j < c}}) + "\n")
+    write_records(files["samples"], [{"id": pid, "correct_at_budget": {"4": j < c, "8": j < c}}
+                                     for pid, c in counts.items() for j in range(n)])
 
 
 def test_report_shows_a_method_evaluated_on_a_later_split_only(tmp_path, monkeypatch):
@@ -212,9 +214,9 @@ def test_report_shows_a_method_evaluated_on_a_later_split_only(tmp_path, monkeyp
     out = tmp_path / "cmp"
     far, train = {"a": 0, "b": 1, "c": 2}, {"x": 0, "y": 1}
     for name in ("base", "nll", "dail"):
-        _fake_eval(out / name / "eval" / "far", far, 4)
-        _fake_eval(out / name / "eval" / "train", train, 2)
-    _fake_eval(out / "dail_forward" / "eval" / "train", {"x": 2, "y": 2}, 2)
+        _fake_eval(RunFolder(out / name).eval("far"), far, 4)
+        _fake_eval(RunFolder(out / name).eval("train"), train, 2)
+    _fake_eval(RunFolder(out / "dail_forward").eval("train"), {"x": 2, "y": 2}, 2)
     cfg = build(CompareConfig, None, {"out": str(out), "methods": "base,nll,dail,dail_forward", "splits": "far,train"})
     lines = compare.write_compare_report(cfg).read_text().splitlines()
     comp = json.loads((out / "comparison.json").read_text())
@@ -230,11 +232,9 @@ def test_report_shows_a_method_evaluated_on_a_later_split_only(tmp_path, monkeyp
     assert diff_row.split(" | ")[3:7] == ["+0.750 [+0.50, +1.00]"] + ["+0.500 [+0.00, +1.00]"] * 3
     assert any(line.startswith("| dail_forward | train | 1.50 |") for line in lines)  # diversity
     for png in ("compare_passk.png", "compare_budget.png"):
-        if png in figures:
-            legend = figures[png].axes[-1].get_legend()
-            assert label in [t.get_text() for t in legend.get_texts()], png
-    assert "compare_passk.png" in figures
-    # A run keeps its colour in every panel: nll is C0 on far and on train.
+        legend = figures[png].axes[-1].get_legend()
+        assert label in [t.get_text() for t in legend.get_texts()], png
+    # A run keeps its colour in every panel: nll is drawn alike on far and on train.
     far_ax, train_ax = figures["compare_passk.png"].axes[:2]
     colour = {ax: {l.get_label(): l.get_color() for l in ax.get_lines()} for ax in (far_ax, train_ax)}
     assert colour[far_ax][compare.METHODS["nll"]["label"]] == colour[train_ax][compare.METHODS["nll"]["label"]]

@@ -34,11 +34,14 @@ for summary in "$HERE"/summaries/*/*.json; do
     cp "$HERE/summaries/$method/$split-config.yaml" "$RUN/$method/eval/$split/config.yaml"
   fi
 done
-if [ -d "$HERE/data/mixed" ]; then
-  for f in "$HERE"/data/mixed/*.jsonl.gz; do
-    unpack "$f" "$RUN/data/mixed/$(basename "${f%.gz}")"
+# The synthetic sets (data/mixed, data/direct): their records with stats and config, so that
+# compare trains on the trajectories it sampled instead of sampling them again.
+for set in "$HERE"/data/*/; do
+  mode=$(basename "$set")
+  for f in "$set"*.jsonl.gz; do
+    unpack "$f" "$RUN/data/$mode/$(basename "${f%.gz}")"
   done
-  cp "$HERE/data/mixed/stats.json" "$HERE/data/mixed/config.yaml" "$RUN/data/mixed/"
-fi
+  cp "$set/stats.json" "$set/config.yaml" "$RUN/data/$mode/"
+done
 cp "$HERE/timings.json" "$RUN/timings.json"
 echo "restored $RUN from $HERE"

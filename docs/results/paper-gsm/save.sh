@@ -37,6 +37,25 @@ for info in "$RUN"/*/train/train_info.json; do
   done
   echo "$dest/train-train_info.json"
 done
+# The synthetic sets, once their synthesis has finished (stats.json is written last). A set is
+# sampled once, so one already here is kept: a resumed synthesis that had nothing left to decode
+# rewrites its stats.json with this run's (zero) decoding time.
+for stats in "$RUN"/data/*/stats.json; do
+  [ -f "$stats" ] || continue
+  set=$(dirname "$stats")
+  dest="$HERE/data/$(basename "$set")"
+  [ -f "$dest/stats.json" ] && continue
+  mkdir -p "$dest"
+  for f in "$set"/*.jsonl; do
+    gzip -n -c "$f" > "$dest/$(basename "$f").gz.tmp"
+    mv "$dest/$(basename "$f").gz.tmp" "$dest/$(basename "$f").gz"
+  done
+  for f in config.yaml student_fraction.png; do
+    [ -f "$set/$f" ] && cp "$set/$f" "$dest/$f"
+  done
+  cp "$stats" "$dest/stats.json"
+  echo "$dest/stats.json"
+done
 if [ -f "$RUN/timings.json" ] && ! cmp -s "$RUN/timings.json" "$HERE/timings.json"; then
   cp "$RUN/timings.json" "$HERE/timings.json"
   echo "$HERE/timings.json"

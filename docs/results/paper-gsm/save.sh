@@ -9,6 +9,10 @@ cd "$(dirname "$0")/../../.."
 HERE=docs/results/paper-gsm
 RUN=${1:-runs/paper-gsm}
 [ -d "$RUN" ] || { echo "save.sh: no run folder $RUN" >&2; exit 1; }
+pack() {  # pack FROM TO.gz, through a temporary file so that TO.gz is never half written
+  gzip -n -c "$1" > "$2.tmp"
+  mv "$2.tmp" "$2"
+}
 for summary in "$RUN"/*/eval/*/summary.json; do
   [ -f "$summary" ] || continue
   dir=$(dirname "$summary")
@@ -18,8 +22,7 @@ for summary in "$RUN"/*/eval/*/summary.json; do
   dest="$HERE/summaries/$method"
   if cmp -s "$summary" "$dest/$split.json"; then continue; fi
   mkdir -p "$dest"
-  gzip -n -c "$dir/samples.jsonl" > "$dest/$split.samples.jsonl.gz.tmp"
-  mv "$dest/$split.samples.jsonl.gz.tmp" "$dest/$split.samples.jsonl.gz"
+  pack "$dir/samples.jsonl" "$dest/$split.samples.jsonl.gz"
   [ -f "$dir/config.yaml" ] && cp "$dir/config.yaml" "$dest/$split-config.yaml"
   cp "$summary" "$dest/$split.json"
   echo "$dest/$split.json"
@@ -47,8 +50,7 @@ for stats in "$RUN"/data/*/stats.json; do
   [ -f "$dest/stats.json" ] && continue
   mkdir -p "$dest"
   for f in "$set"/*.jsonl; do
-    gzip -n -c "$f" > "$dest/$(basename "$f").gz.tmp"
-    mv "$dest/$(basename "$f").gz.tmp" "$dest/$(basename "$f").gz"
+    pack "$f" "$dest/$(basename "$f").gz"
   done
   for f in config.yaml student_fraction.png; do
     [ -f "$set/$f" ] && cp "$set/$f" "$dest/$f"

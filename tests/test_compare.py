@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +48,17 @@ def test_splits_are_cut_by_one_rule():
     assert not set(ids["val"]) & set(ids["far"])
     near = load_examples(split_data(cfg, "near"))
     assert sum(a.problem != b.problem for a, b in zip(load_examples(cfg.data), near)) >= len(near) - 2
+
+
+def test_star_samples_set_the_star_attempts_only():
+    from dail.compare import _synth_cfg
+
+    cfg = build(CompareConfig, None, {"synth.samples_per_problem": 32, "star_samples": 4})
+    assert _synth_cfg(cfg, "star").samples_per_problem == 4
+    assert _synth_cfg(cfg, "mixed").samples_per_problem == _synth_cfg(cfg, "direct").samples_per_problem == 32
+    assert _synth_cfg(build(CompareConfig, None, {"synth.samples_per_problem": 8}), "star").samples_per_problem == 8
+    with pytest.raises(ConfigError, match="star_samples"):
+        build(CompareConfig, None, {"star_samples": -1})
 
 
 def test_compare_config_refuses_what_it_sets_itself():
@@ -97,6 +109,29 @@ def test_compare_tiny_end_to_end_and_resume(tiny_dir, tmp_path):
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.suffix in (".jsonl", ".safetensors")}
     assert main(argv) == 0
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+
+
+def test_compare_does_not_retrain_a_method_whose_evaluations_are_done(tiny_dir, tmp_path):
+    out = tmp_path / "cmp"
+    argv = ["compare", "--out", str(out), "--model.name", str(tiny_dir), "--model.device", "cpu",
+            "--data.limit", "2", "--test_limit", "2", "--methods", "base,sft", "--splits", "train,far",
+            "--train.epochs", "1", "--train.batch_size", "2", "--train.micro_batch_size", "2",
+            "--train.report_to", "none", "--train.max_length", "4096",
+            "--eval.n", "2", "--eval.ks", "1,2", "--eval.max_new_tokens", "8", "--eval.budgets", "4,8"]
+    assert main(argv) == 0
+    samples = {split: eval_files(out / "sft" / "eval" / split)["samples"] for split in ("train", "far")}
+    stamps = {p: p.stat().st_mtime_ns for p in samples.values()}
+    # Adapters are weights, often not kept: a method whose evaluations are all done is not trained
+    # again without its adapter, and stays in the report ...
+    shutil.rmtree(out / "sft" / "train")
+    assert main(argv) == 0
+    assert not (out / "sft" / "train").exists() and {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    assert set(json.loads((out / "comparison.json").read_text())["splits"]["far"]["runs"]) == {"base", "sft"}
+    # ... but one sample missing from one split is work left, which needs the adapter again.
+    write_records(samples["far"], read_records(samples["far"])[:-1])
+    assert main(argv) == 0
+    assert (out / "sft" / "train" / "adapter" / "adapter_config.json").exists()
+    assert len(read_records(samples["far"])) == 4
 
 
 def test_sweep_tiny(tiny_dir, tmp_path):

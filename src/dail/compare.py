@@ -35,8 +35,8 @@ from matplotlib.figure import Figure
 from dail import dist
 from dail.config import CompareConfig, ConfigError, DataConfig, EvalConfig, GRPOConfig, SelectConfig, SynthConfig, TrainConfig
 from dail.data import load_problems
-from dail.evaluation import evaluate
-from dail.layout import RunFolder, eval_files, finished_adapter, shared_synth, synth_files
+from dail.evaluation import evaluate, finished
+from dail.layout import RunFolder, eval_files, finished_adapter, shared_synth, synth_files, train_files
 from dail.records import read_records
 from dail.sampler import open_sampler, release, with_dtype
 from dail.select import select
@@ -143,6 +143,8 @@ def _synth_cfg(cfg: CompareConfig, mode: str) -> SynthConfig:
     # samples its attempts all at once (its rationalizations need every attempt's grade).
     base = cfg.synth if mode == "mixed" else dataclasses.replace(
         cfg.synth, teacher_context="solution", round_size=cfg.synth.round_size if mode == "direct" else 0)
+    if mode == "star" and cfg.star_samples:
+        base = dataclasses.replace(base, samples_per_problem=cfg.star_samples)
     return stage_config(cfg, "synth", base, data=training_data(cfg), mode=mode, out=str(shared_synth(cfg.out, mode)))
 
 
@@ -214,6 +216,13 @@ def compare(cfg: CompareConfig) -> Path:
                 continue
             folder = out / name
             adapter = finished_adapter(RunFolder(folder).train)
+            path = str(train_files(RunFolder(folder).train)["adapter"])  # where training writes it
+            evals = {split: _eval_cfg(cfg, split, folder, path) for split in cfg.splits}
+            if all(finished(e) for e in evals.values()):
+                # Nothing left to sample: no model to open, and no adapter to train where it is
+                # missing (adapters are weights, often not kept: a restored run holds samples only).
+                log.info("compare: %s has every evaluation done", name)
+                continue
             if adapter is None:
                 log.info("compare: training %s (seed %d) -> %s", method, seed, folder / "train")
                 with _timed(timings, f"train {name}", timings_path):
@@ -224,7 +233,7 @@ def compare(cfg: CompareConfig) -> Path:
             trained = open_sampler(with_dtype(cfg.model, cfg.eval.dtype), str(adapter), tokenizer=tok)
             for split in cfg.splits:
                 with _timed(timings, f"eval {name} {split}", timings_path):
-                    evaluate(_eval_cfg(cfg, split, folder, str(adapter)), trained, tok, label=name)
+                    evaluate(evals[split], trained, tok, label=name)
             release(trained)
             del trained
     if dist.world()[0] == 0:

@@ -66,8 +66,9 @@ from dail.stats import BOOTSTRAP_RESAMPLES, bootstrap_ci, ks_for, pass_at_k
 log = logging.getLogger(__name__)
 
 # The scoring and statistics this module's results are made of stay importable from here.
-__all__ = ["evaluate", "force_answers", "pass_at_k", "bootstrap_ci", "ks_for", "summarize", "grade_records",
-           "grade_forced", "read_samples", "evaluate_samples", "export_prompts", "BOOTSTRAP_RESAMPLES"]
+__all__ = ["evaluate", "finished", "force_answers", "pass_at_k", "bootstrap_ci", "ks_for", "summarize",
+           "grade_records", "grade_forced", "read_samples", "evaluate_samples", "export_prompts",
+           "BOOTSTRAP_RESAMPLES"]
 
 
 # ----------------------------------------------------------------------------- forced answers
@@ -162,6 +163,18 @@ def _capped(max_new_tokens: int, prompts: list[list[int]], batch: list[tuple[Exa
                     "sampling at most %d tokens in its batch", batch[longest][0].id, len(prompts[longest]),
                     max_new_tokens, window, room)
     return min(max_new_tokens, room)
+
+
+def finished(cfg: EvalConfig) -> bool:
+    """Whether `evaluate(cfg)` would find nothing left to do: a summary is written and every
+    (problem, sample index) of cfg is among the samples. Raises ConfigError, as evaluate would,
+    where the folder holds samples made under other settings (`check_resumable`)."""
+    files = eval_files(cfg.out)
+    if not files["summary"].exists():
+        return False
+    check_resumable(files["config"], cfg, "samples")
+    done = {(r["id"], r["sample_index"]) for r in read_records(files["samples"])}
+    return all((ex.id, j) in done for ex in load_problems(cfg.data) for j in range(cfg.n))
 
 
 def evaluate(cfg: EvalConfig, sampler: Any = None, tokenizer: Any = None, label: str | None = None,

@@ -110,6 +110,19 @@ def test_default_yaml_is_the_defaults():
     assert build(RunConfig, str(path)) == RunConfig()
 
 
+@pytest.mark.parametrize("name", ["compare-gsm", "paper-gsm", "sweep-gsm", "eval-paper"])
+def test_every_preset_builds(name):
+    from pathlib import Path
+
+    from dail.config import CompareConfig, EvalConfig, SweepConfig
+
+    kind = {"compare": CompareConfig, "paper": CompareConfig, "sweep": SweepConfig, "eval": EvalConfig}
+    path = Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml"
+    cfg = build(kind[name.split("-")[0]], str(path))
+    if name == "paper-gsm":  # STaR runs in the paper's protocol, with its own attempts per problem
+        assert "star" in cfg.methods and cfg.star_samples == 4 and cfg.synth.samples_per_problem == 32
+
+
 def test_run_test_split_must_come_from_the_same_split_rule():
     # One source, two split seeds: 9 of 16 "held-out" templates were training templates.
     with pytest.raises(ConfigError, match=r"'test_data.seed': 0 differs from train_data.seed \(3\)"):

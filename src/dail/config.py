@@ -642,6 +642,9 @@ class CompareConfig:
     seeds: list = _f([0], "Training seeds. Methods in seed_methods are trained once per seed; the others with "
                      "the first.")
     seed_methods: list = _f(["dail", "nll"], "Methods trained once per seed in `seeds` (seed variation).")
+    star_samples: int = _f(0, "STaR's attempts per problem without the hint (0 = synth.samples_per_problem). STaR "
+                           "samples them all before it rationalizes (no rounds), so on problems picked as the base "
+                           "model's failures (select_n) a few attempts cost less and find about as little.")
     chosen: dict = _f({}, "What was chosen on the validation split, and how (copied into the report), e.g. "
                       "{lr: '1e-3: best val pass@8 of 3e-4, 1e-3 (dail sweep)'}.")
     prompts: str = _f("", _PROMPTS_HELP + " Set for every method and stage.")
@@ -673,6 +676,8 @@ class CompareConfig:
         _check(self.select_n >= 0 and self.select_max_correct >= 0, "select_n",
                "select_n and select_max_correct must be >= 0")
         _check(self.train_eval_limit >= 0, "train_eval_limit", "must be >= 0 (0 = all)")
+        _check(_is_int(self.star_samples) and 0 <= self.star_samples <= SynthConfig.STAR_RATIONALIZED_FROM,
+               "star_samples", f"must be an integer in 0..{SynthConfig.STAR_RATIONALIZED_FROM} (0 = as synth)")
         _check(all(k in ("train", "near", "far", "val") and _is_int(v) and v > 0 for k, v in self.split_n.items()),
                "split_n", f"expected {{split: n > 0}} over train|near|far|val, got {self.split_n!r}")
         _check(self.model.engine != "vllm" or not {"grpo", "nurl"} & set(self.methods), "model.engine",

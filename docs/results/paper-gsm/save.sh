@@ -4,10 +4,15 @@
 # Safe to run at any time, also while compare runs: an evaluation is copied only once its
 # summary.json exists, and one already here is copied again only if its summary changed.
 # Prints the files it wrote, one per line.
+#   save.sh [RUN [DEST]]   RUN defaults to runs/paper-gsm and DEST to this folder. A recipe arm
+#   run in its own folder (runs/paper-gsm-armB) saves into its own DEST (armB/) only what is its
+#   own: its evaluations and training, not the base evaluations or synthetic sets it copied from
+#   the main run, which are here already.
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
 HERE=docs/results/paper-gsm
 RUN=${1:-runs/paper-gsm}
+DEST=${2:-$HERE}
 [ -d "$RUN" ] || { echo "save.sh: no run folder $RUN" >&2; exit 1; }
 pack() {  # pack FROM TO.gz, through a temporary file so that TO.gz is never half written
   gzip -n -c "$1" > "$2.tmp"
@@ -19,7 +24,8 @@ for summary in "$RUN"/*/eval/*/summary.json; do
   split=$(basename "$dir")
   method=$(basename "$(dirname "$(dirname "$dir")")")
   case "$method" in select|ceiling) continue ;; esac   # their own folders, saved by hand
-  dest="$HERE/summaries/$method"
+  if [ "$DEST" != "$HERE" ] && cmp -s "$summary" "$HERE/summaries/$method/$split.json"; then continue; fi
+  dest="$DEST/summaries/$method"
   if cmp -s "$summary" "$dest/$split.json"; then continue; fi
   mkdir -p "$dest"
   pack "$dir/samples.jsonl" "$dest/$split.samples.jsonl.gz"
@@ -32,7 +38,7 @@ for info in "$RUN"/*/train/train_info.json; do
   [ -f "$info" ] || continue
   dir=$(dirname "$info")
   method=$(basename "$(dirname "$dir")")
-  dest="$HERE/summaries/$method"
+  dest="$DEST/summaries/$method"
   if cmp -s "$info" "$dest/train-train_info.json"; then continue; fi
   mkdir -p "$dest"
   for f in config.yaml metrics.jsonl train_info.json; do
@@ -44,7 +50,7 @@ done
 # sampled once, so one already here is kept: a resumed synthesis that had nothing left to decode
 # rewrites its stats.json with this run's (zero) decoding time.
 for stats in "$RUN"/data/*/stats.json; do
-  [ -f "$stats" ] || continue
+  [ -f "$stats" ] && [ "$DEST" = "$HERE" ] || continue
   set=$(dirname "$stats")
   dest="$HERE/data/$(basename "$set")"
   [ -f "$dest/stats.json" ] && continue
@@ -58,7 +64,8 @@ for stats in "$RUN"/data/*/stats.json; do
   cp "$stats" "$dest/stats.json"
   echo "$dest/stats.json"
 done
-if [ -f "$RUN/timings.json" ] && ! cmp -s "$RUN/timings.json" "$HERE/timings.json"; then
-  cp "$RUN/timings.json" "$HERE/timings.json"
-  echo "$HERE/timings.json"
+if [ -f "$RUN/timings.json" ] && ! cmp -s "$RUN/timings.json" "$DEST/timings.json"; then
+  mkdir -p "$DEST"
+  cp "$RUN/timings.json" "$DEST/timings.json"
+  echo "$DEST/timings.json"
 fi

@@ -60,6 +60,7 @@ base model (LoRA's B starts at 0); only the trained adapter is saved.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -394,6 +395,10 @@ def _train(cfg: GRPOConfig, files: dict[str, Path], hints_path: Path, problems: 
     # TRL ends a completion at the model's eos ids; make them dail's end-of-turn ids (as in dail eval).
     model.generation_config.eos_token_id = sampler.stop_ids
 
+    # Newer transformers name TrainingArguments' gradient_checkpointing activation_checkpointing;
+    # 5.19 (dail's floor, which vLLM pins) knows only the old name.
+    known = inspect.signature(trl.GRPOConfig.__init__).parameters
+    checkpointing = "activation_checkpointing" if "activation_checkpointing" in known else "gradient_checkpointing"
     args = trl.GRPOConfig(
         output_dir=str(files["checkpoints"]), seed=cfg.seed, data_seed=cfg.seed,
         num_generations=cfg.num_generations, beta=cfg.beta, learning_rate=cfg.lr,
@@ -401,7 +406,7 @@ def _train(cfg: GRPOConfig, files: dict[str, Path], hints_path: Path, problems: 
         max_completion_length=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
         per_device_train_batch_size=cfg.micro_batch_size,
         gradient_accumulation_steps=per_step // (cfg.micro_batch_size * world),  # one generation per step
-        activation_checkpointing=cfg.gradient_checkpointing,
+        **{checkpointing: cfg.gradient_checkpointing},
         use_cpu=cpu, bf16=not cpu and torch.cuda.is_bf16_supported(), fp16=False,
         logging_steps=1, save_strategy="steps", save_steps=cfg.save_every or 10**9, save_total_limit=1,
         ddp_find_unused_parameters=False,  # every trainable (LoRA) parameter is used in each forward

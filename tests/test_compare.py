@@ -70,15 +70,22 @@ def test_compare_config_refuses_what_it_sets_itself():
     assert runs == [("base", "base", 0), ("sft", "sft", 0), ("dail", "dail", 0), ("dail-s1", "dail", 1)]
 
 
+def _tiny_argv(command: str, tiny_dir: Path, out: Path, *flags: str) -> list[str]:
+    """`dail compare` or `dail sweep` on the tiny model: one short epoch of training, 2 samples per
+    problem; `flags` are the test's own."""
+    return [command, "--out", str(out), "--model.name", str(tiny_dir), "--model.device", "cpu",
+            "--train.epochs", "1", "--train.batch_size", "2", "--train.micro_batch_size", "1",
+            "--train.report_to", "none", "--train.max_length", "4096", "--eval.n", "2", "--eval.ks", "1,2",
+            *flags]
+
+
 def test_compare_tiny_end_to_end_and_resume(tiny_dir, tmp_path):
     out = tmp_path / "cmp"
-    argv = ["compare", "--out", str(out), "--model.name", str(tiny_dir), "--model.device", "cpu",
-            "--data.limit", "2", "--test_limit", "2", "--methods", "base,sft,nll,dail", "--seeds", "0,1",
-            "--seed_methods", "dail", "--splits", "train,near,far", "--split_n", "{near: 1}",
-            "--synth.max_new_tokens", "8", "--synth.samples_per_problem", "1",
-            "--train.epochs", "1", "--train.batch_size", "2", "--train.micro_batch_size", "1",
-            "--train.report_to", "none", "--train.max_length", "4096",
-            "--eval.n", "2", "--eval.ks", "1,2", "--eval.max_new_tokens", "8", "--eval.budgets", "4,8"]
+    argv = _tiny_argv("compare", tiny_dir, out,
+                      "--data.limit", "2", "--test_limit", "2", "--methods", "base,sft,nll,dail", "--seeds", "0,1",
+                      "--seed_methods", "dail", "--splits", "train,near,far", "--split_n", "{near: 1}",
+                      "--synth.max_new_tokens", "8", "--synth.samples_per_problem", "1",
+                      "--eval.max_new_tokens", "8", "--eval.budgets", "4,8")
     assert main(argv) == 0
     # Ordinary run folders: one per method (and seed), the base once, the mixed set shared.
     for name in ("sft", "nll", "dail", "dail-s1"):
@@ -113,11 +120,8 @@ def test_compare_tiny_end_to_end_and_resume(tiny_dir, tmp_path):
 
 def test_compare_does_not_retrain_a_method_whose_evaluations_are_done(tiny_dir, tmp_path):
     out = tmp_path / "cmp"
-    argv = ["compare", "--out", str(out), "--model.name", str(tiny_dir), "--model.device", "cpu",
-            "--data.limit", "2", "--test_limit", "2", "--methods", "base,sft", "--splits", "train,far",
-            "--train.epochs", "1", "--train.batch_size", "2", "--train.micro_batch_size", "2",
-            "--train.report_to", "none", "--train.max_length", "4096",
-            "--eval.n", "2", "--eval.ks", "1,2", "--eval.max_new_tokens", "8", "--eval.budgets", "4,8"]
+    argv = _tiny_argv("compare", tiny_dir, out, "--data.limit", "2", "--test_limit", "2", "--methods", "base,sft",
+                      "--splits", "train,far", "--eval.max_new_tokens", "8", "--eval.budgets", "4,8")
     assert main(argv) == 0
     samples = {split: eval_files(out / "sft" / "eval" / split)["samples"] for split in ("train", "far")}
     stamps = {p: p.stat().st_mtime_ns for p in samples.values()}
@@ -136,13 +140,11 @@ def test_compare_does_not_retrain_a_method_whose_evaluations_are_done(tiny_dir, 
 
 def test_sweep_tiny(tiny_dir, tmp_path):
     out = tmp_path / "sweep"
-    assert main(["sweep", "--out", str(out), "--model.name", str(tiny_dir), "--model.device", "cpu",
-                 "--data.limit", "2", "--val_limit", "2", "--taus", "0,2", "--gammas", "0,0.5",
-                 "--default_tau", "2", "--default_gamma", "0",
-                 "--synth.max_new_tokens", "6", "--synth.samples_per_problem", "1",
-                 "--train.epochs", "1", "--train.batch_size", "2", "--train.micro_batch_size", "1",
-                 "--train.report_to", "none", "--train.max_length", "4096",
-                 "--eval.n", "2", "--eval.ks", "1,2", "--eval.max_new_tokens", "6"]) == 0
+    assert main(_tiny_argv("sweep", tiny_dir, out,
+                           "--data.limit", "2", "--val_limit", "2", "--taus", "0,2", "--gammas", "0,0.5",
+                           "--default_tau", "2", "--default_gamma", "0",
+                           "--synth.max_new_tokens", "6", "--synth.samples_per_problem", "1",
+                           "--eval.max_new_tokens", "6")) == 0
     result = json.loads((out / "sweep.json").read_text())
     assert len(result["pass_at_k"]) == 2 and all(v is not None for row in result["pass_at_k"] for v in row)
     # tau 0 is the pure student, tau 2 the pure teacher.
@@ -187,14 +189,11 @@ def test_compare_selects_its_training_problems_measures_the_teachers_ceiling_and
     import yaml
 
     out = tmp_path / "cmp"
-    argv = ["compare", "--out", str(out), "--model.name", str(tiny_dir), "--model.device", "cpu",
-            "--data.test_fraction", "0.96", "--data.instances", "2",  # 3 training templates x 2 instances
-            "--near_instances", "2", "--near_limit", "3", "--select_n", "2", "--train_eval_limit", "2",
-            "--ceiling", "true", "--methods", "base,dail_forward", "--splits", "train,near",
-            "--synth.max_new_tokens", "8", "--synth.samples_per_problem", "1",
-            "--train.epochs", "1", "--train.batch_size", "2", "--train.micro_batch_size", "1",
-            "--train.report_to", "none", "--train.max_length", "4096",
-            "--eval.n", "2", "--eval.ks", "1,2", "--eval.max_new_tokens", "8"]
+    argv = _tiny_argv("compare", tiny_dir, out,
+                      "--data.test_fraction", "0.96", "--data.instances", "2",  # 3 training templates x 2 instances
+                      "--near_instances", "2", "--near_limit", "3", "--select_n", "2", "--train_eval_limit", "2",
+                      "--ceiling", "true", "--methods", "base,dail_forward", "--splits", "train,near",
+                      "--synth.max_new_tokens", "8", "--synth.samples_per_problem", "1", "--eval.max_new_tokens", "8")
     assert main(argv) == 0
     data = build(CompareConfig, None, {"data.test_fraction": 0.96, "data.instances": 2, "near_instances": 2,
                                        "near_limit": 3})

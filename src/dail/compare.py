@@ -215,8 +215,9 @@ def compare(cfg: CompareConfig) -> Path:
             if method == "base":
                 continue
             folder = out / name
-            adapter = finished_adapter(RunFolder(folder).train)
-            path = str(train_files(RunFolder(folder).train)["adapter"])  # where training writes it
+            trained_in = RunFolder(folder).train
+            adapter = finished_adapter(trained_in)
+            path = str(train_files(trained_in)["adapter"])  # where training writes it
             evals = {split: _eval_cfg(cfg, split, folder, path) for split in cfg.splits}
             if all(finished(e) for e in evals.values()):
                 # Nothing left to sample: no model to open, and no adapter to train where it is

@@ -223,9 +223,9 @@ def test_compare_selects_its_training_problems_measures_the_teachers_ceiling_and
     assert not {e.problem for e in near_problems} & {e.problem for e in problems}
 
 
-def _fake_eval(folder, counts: dict[str, int], n: int) -> None:
+def _fake_eval(folder, counts: dict[str, int], n: int, dtype: str = "float32") -> None:
     """An eval folder as `dail eval` leaves it: per-problem correct counts (the same at both budgets,
-    4 and 8 tokens), ks 1, 2, .. n."""
+    4 and 8 tokens), ks 1, 2, .. n, sampled in `dtype`."""
     files = eval_files(folder)
     folder.mkdir(parents=True)
     ks = [2 ** i for i in range(n.bit_length())]
@@ -233,7 +233,8 @@ def _fake_eval(folder, counts: dict[str, int], n: int) -> None:
     files["summary"].write_text(json.dumps({
         "per_problem_correct": counts, "n": n, "ks": ks, "budgets": [4, 8],
         "by_budget": {b: {"pass_at_k": cell} for b in ("4", "8")},
-        "mean_tokens": 5.0, "distinct_answers": 1.5, "answer_found_fraction": 0.5, "mean_entropy": 0.7}))
+        "mean_tokens": 5.0, "distinct_answers": 1.5, "answer_found_fraction": 0.5, "mean_entropy": 0.7,
+        "dtype": dtype}))
     write_records(files["samples"], [{"id": pid, "correct_at_budget": {"4": j < c, "8": j < c}}
                                      for pid, c in counts.items() for j in range(n)])
 
@@ -272,3 +273,22 @@ def test_report_shows_a_method_evaluated_on_a_later_split_only(tmp_path, monkeyp
     far_ax, train_ax = figures["compare_passk.png"].axes[:2]
     colour = {ax: {l.get_label(): l.get_color() for l in ax.get_lines()} for ax in (far_ax, train_ax)}
     assert colour[far_ax][compare.METHODS["nll"]["label"]] == colour[train_ax][compare.METHODS["nll"]["label"]]
+
+
+def test_report_only_opens_nothing_and_names_the_precisions(tmp_path):
+    """`dail compare --report_only true` rebuilds the report from evaluations written by `dail eval`
+    (here STaR's, in another precision than base's): no model is opened (the name points nowhere),
+    and the report says which run was sampled in which precision."""
+    out = tmp_path / "cmp"
+    _fake_eval(RunFolder(out / "base").eval("far"), {"a": 0, "b": 1}, 4, dtype="bfloat16")
+    _fake_eval(RunFolder(out / "star").eval("far"), {"a": 2, "b": 1}, 4, dtype="float32")
+    argv = ["compare", "--out", str(out), "--model.name", str(tmp_path / "no-model"), "--methods", "base,star",
+            "--splits", "far"]
+    assert main(argv + ["--report_only", "true"]) == 0
+    comp = json.loads((out / "comparison.json").read_text())
+    assert comp["splits"]["far"]["runs"]["star"]["dtype"] == "float32"
+    assert comp["splits"]["far"]["runs"]["star"]["transitions_vs_base"]["unsolved_to_solved"] == 1
+    report = (out / "report.md").read_text()
+    assert "Sampled in different precisions: bfloat16: base; float32: star." in report
+    with pytest.raises(SystemExit):  # without it, compare opens the model first: there is none
+        main(argv)

@@ -37,6 +37,7 @@ from dail.config import CompareConfig, ConfigError, DataConfig, EvalConfig, GRPO
 from dail.data import load_problems
 from dail.evaluation import evaluate, finished
 from dail.layout import RunFolder, eval_files, finished_adapter, shared_synth, synth_files, train_files
+from dail.lock import output_lock
 from dail.records import read_records
 from dail.sampler import open_sampler, release, with_dtype
 from dail.select import select
@@ -187,6 +188,10 @@ def compare(cfg: CompareConfig) -> Path:
     """Run every method of `cfg` (resuming what is done) and write the comparison report."""
     out = Path(cfg.out)
     timings_path = out / "timings.json"
+    if cfg.report_only:  # the evaluations are written already: no model, no tokenizer
+        rank = dist.world()[0]
+        with output_lock(out / ".compare.lock", f"{out}: compare", rank):
+            return write_compare_report(cfg) if rank == 0 else out / "report.md"
     timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
     check_near(cfg)
     with command_folder(cfg, "compare") as tok:
@@ -291,6 +296,7 @@ def comparison(cfg: CompareConfig) -> dict:
             entry["transitions_vs_base"] = transitions([per["base"]["counts"][top][i] for i in ids],
                                                        [data["counts"][top][i] for i in ids])
             entry["mean_tokens"] = data["summary"]["mean_tokens"]
+            entry["dtype"] = data["summary"].get("dtype")  # the precision it was sampled in
             # diversity: distinct final answers per problem, the share of samples with a findable
             # answer, and (with eval.entropy) the mean entropy where the model wrote
             entry["diversity"] = {k: data["summary"].get(k)
@@ -473,6 +479,10 @@ def write_compare_report(cfg: CompareConfig) -> Path:
              f"{top} new tokens. 95% CIs: bootstrap over problems "
              f"({BOOTSTRAP_RESAMPLES} resamples); differences are paired (the same resampled "
              "problems for every method).", ""]
+    dtypes = {name: e["dtype"] for sp in splits for name, e in comp["splits"][sp]["runs"].items()}
+    if len(set(dtypes.values())) > 1:
+        md += ["Sampled in different precisions: " + "; ".join(
+            f"{d}: {', '.join(n for n in dtypes if dtypes[n] == d)}" for d in dict.fromkeys(dtypes.values())) + ".", ""]
     header = "| method | " + " | ".join(f"{sp} pass@{k_lo[sp]} | {sp} pass@{k_hi[sp]}" for sp in splits) + " |"
     md += ["## pass@k", "", header, "|---|" + "---|---|" * len(splits)]
     for name in _run_names(comp):

@@ -645,6 +645,10 @@ class CompareConfig:
     star_samples: int = _f(0, "STaR's attempts per problem without the hint (0 = synth.samples_per_problem). STaR "
                            "samples them all before it rationalizes (no rounds), so on problems picked as the base "
                            "model's failures (select_n) a few attempts cost less and find about as little.")
+    report_only: bool = _f(False, "Only write report.md, comparison.json and the plots from the evaluations "
+                           "already in out: sample, train and open nothing. For evaluations made outside "
+                           "compare (one method evaluated with `dail eval` in another precision, say); the "
+                           "report names each evaluation's precision where they differ.")
     chosen: dict = _f({}, "What was chosen on the validation split, and how (copied into the report), e.g. "
                       "{lr: '1e-3: best val pass@8 of 3e-4, 1e-3 (dail sweep)'}.")
     prompts: str = _f("", _PROMPTS_HELP + " Set for every method and stage.")

@@ -33,18 +33,19 @@ for summary in "$RUN"/*/eval/*/summary.json; do
   cp "$summary" "$dest/$split.json"
   echo "$dest/$split.json"
 done
-# Training logs of every trained method (the adapter itself stays in the run folder).
+# Training logs of every trained method, in summaries/<method>/training/ (the adapter itself stays
+# in the run folder; the evaluation of the train split has the names train.json, train-config.yaml).
 for info in "$RUN"/*/train/train_info.json; do
   [ -f "$info" ] || continue
   dir=$(dirname "$info")
   method=$(basename "$(dirname "$dir")")
-  dest="$DEST/summaries/$method"
-  if cmp -s "$info" "$dest/train-train_info.json"; then continue; fi
+  dest="$DEST/summaries/$method/training"
+  if cmp -s "$info" "$dest/train_info.json"; then continue; fi
   mkdir -p "$dest"
   for f in config.yaml metrics.jsonl train_info.json; do
-    [ -f "$dir/$f" ] && cp "$dir/$f" "$dest/train-$f"
+    [ -f "$dir/$f" ] && cp "$dir/$f" "$dest/$f"
   done
-  echo "$dest/train-train_info.json"
+  echo "$dest/train_info.json"
 done
 # The synthetic sets, once their synthesis has finished (stats.json is written last). A set is
 # sampled once, so one already here is kept: a resumed synthesis that had nothing left to decode

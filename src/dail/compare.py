@@ -37,11 +37,10 @@ from dail.config import CompareConfig, ConfigError, DataConfig, EvalConfig, GRPO
 from dail.data import load_problems
 from dail.evaluation import evaluate, finished
 from dail.layout import RunFolder, eval_files, finished_adapter, shared_synth, synth_files, train_files
-from dail.lock import output_lock
 from dail.records import read_records
 from dail.sampler import open_sampler, release, with_dtype
 from dail.select import select
-from dail.stages import command_folder, stage_config
+from dail.stages import command_folder, command_lock, stage_config
 from dail.stats import BOOTSTRAP_RESAMPLES, paired_difference, per_problem_pass, resample_indices, transitions
 from dail.synthesis import synthesize
 from dail.training import train_or_reuse
@@ -187,11 +186,10 @@ def _train_grpo(cfg: CompareConfig, method: str, seed: int, folder: Path) -> Pat
 def compare(cfg: CompareConfig) -> Path:
     """Run every method of `cfg` (resuming what is done) and write the comparison report."""
     out = Path(cfg.out)
-    timings_path = out / "timings.json"
     if cfg.report_only:  # the evaluations are written already: no model, no tokenizer
-        rank = dist.world()[0]
-        with output_lock(out / ".compare.lock", f"{out}: compare", rank):
-            return write_compare_report(cfg) if rank == 0 else out / "report.md"
+        with command_lock(cfg, "compare"):
+            return write_compare_report(cfg) if dist.world()[0] == 0 else out / "report.md"
+    timings_path = out / "timings.json"
     timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
     check_near(cfg)
     with command_folder(cfg, "compare") as tok:

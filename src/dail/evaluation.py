@@ -60,7 +60,7 @@ from dail.prompts import FORCED_ANSWER_CUE, FORCED_ANSWER_VERSION, load_prompts,
 from dail.records import append_record, merge_shards, read_records, write_records
 from dail.sampler import Sampler, Sampling, open_sampler, release, sample_seed, with_dtype
 from dail.scoring import (budgets_of, dataset_name, grade_forced, grade_records, sample_prompt, sample_text,
-                          shown_problem, summarize, write_summary)
+                          samples_written, shown_problem, summarize, write_summary)
 from dail.stats import BOOTSTRAP_RESAMPLES, bootstrap_ci, ks_for, pass_at_k
 
 log = logging.getLogger(__name__)
@@ -165,11 +165,6 @@ def _capped(max_new_tokens: int, prompts: list[list[int]], batch: list[tuple[Exa
     return min(max_new_tokens, room)
 
 
-def _written(path: Path) -> set[tuple[Any, int]]:
-    """The (problem id, sample index) pairs already in a samples file: what a resumed run skips."""
-    return {(r["id"], r["sample_index"]) for r in read_records(path)}
-
-
 def finished(cfg: EvalConfig) -> bool:
     """Whether `evaluate(cfg)` would find nothing left to do: a summary is written and every
     (problem, sample index) of cfg is among the samples. Raises ConfigError, as evaluate would,
@@ -178,7 +173,7 @@ def finished(cfg: EvalConfig) -> bool:
     if not files["summary"].exists():
         return False
     check_resumable(files["config"], cfg, "samples")
-    done = _written(files["samples"])
+    done = samples_written(files["samples"])
     return all((ex.id, j) in done for ex in load_problems(cfg.data) for j in range(cfg.n))
 
 
@@ -232,9 +227,9 @@ def _evaluate(cfg: EvalConfig, sampler: Any, tokenizer: Any, label: str | None, 
     prompt_set = load_prompts(cfg.prompts)
     mine = dist.shard(problems, rank, world_size)
     shard_file = dist.shard_path(samples_path, rank, world_size)
-    done = _written(shard_file)
+    done = samples_written(shard_file)
     if world_size > 1:  # records merged by an earlier run
-        done |= _written(samples_path)
+        done |= samples_written(samples_path)
     todo = [(ex, j) for ex in mine for j in range(cfg.n) if (ex.id, j) not in done]
     sampling = Sampling.of(cfg)
 

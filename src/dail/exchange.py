@@ -24,8 +24,8 @@ from dail.models import load_tokenizer, loadable_model, model_label
 from dail.prompts import (FORCED_ANSWER_CUE, FORCED_ANSWER_VERSION, end_of_turn_ids, load_prompts, set_thinking,
                           think_close_ids)
 from dail.records import append_record, read_jsonl, read_records
-from dail.scoring import (budgets_of, dataset_name, grade_forced, grade_records, sample_prompt, shown_problem,
-                          summarize, write_summary)
+from dail.scoring import (budgets_of, dataset_name, grade_forced, grade_records, sample_prompt, samples_written,
+                          shown_problem, summarize, write_summary)
 
 log = logging.getLogger(__name__)
 
@@ -209,7 +209,7 @@ def evaluate_samples(cfg: EvalConfig, tokenizer: Any = None, label: str | None =
     tok = tokenizer
     if tok is None and any("token_ids" in r for r in records):
         tok = load_tokenizer(cfg.model)
-    done = {(r["id"], r["sample_index"]) for r in read_records(files["samples"])}
+    done = samples_written(files["samples"])
     todo = [r for r in records if (r["id"], r["sample_index"]) not in done and r["sample_index"] < n]
     with open(files["samples"], "a", encoding="utf-8") as fh:
         for start in tqdm(range(0, len(todo), 256), desc=f"grade {Path(cfg.samples).name}", unit="chunk"):

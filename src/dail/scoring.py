@@ -31,6 +31,7 @@ import numpy as np
 from dail.data import DataError, Example
 from dail.grading import extract_answer, extract_choice, grade_many
 from dail.prompts import Prompts, choice_problem, render, student_messages, teacher_messages
+from dail.records import read_records
 from dail.sampler import sample_seed
 from dail.stats import BOOTSTRAP_CONFIDENCE, BOOTSTRAP_RESAMPLES, bootstrap_ci, ks_for, pass_at_k
 
@@ -182,6 +183,12 @@ def _pass_table(by_id: dict[str, list[dict]], problem_ids: list[str], n: int, ks
     mean = table.mean(axis=0)
     return ({str(k): {"mean": float(mean[j]), "ci_low": float(lo[j]), "ci_high": float(hi[j])}
              for j, k in enumerate(ks)}, int(sum(counts)))
+
+
+def samples_written(path: str | Path) -> set[tuple[Any, int]]:
+    """The (problem id, sample index) pairs already in a samples file: what a resumed evaluation
+    or grading skips."""
+    return {(r["id"], r["sample_index"]) for r in read_records(path)}
 
 
 def summarize(records: list[dict], problem_ids: list[str], n: int, ks: list[int], budgets: list[int],

@@ -51,6 +51,12 @@ def stage_config(parent: Any, stage: str, base: Any = None, **sets: Any) -> Any:
                                **copy.deepcopy(values))
 
 
+def command_lock(cfg: Any, what: str) -> Any:
+    """The lock a command `what` (compare, sweep, run) holds on its folder `cfg.out` (rank 0 only)."""
+    out = Path(cfg.out)
+    return output_lock(out / f".{what}.lock", f"{out}: {what}", dist.world()[0])
+
+
 @contextmanager
 def command_folder(cfg: Any, what: str) -> Iterator[Any]:
     """Create `cfg.out`, save the command's config there (rank 0), hold the folder's lock for
@@ -61,5 +67,5 @@ def command_folder(cfg: Any, what: str) -> Iterator[Any]:
     rank, _ = dist.world()
     if rank == 0:
         save(cfg, out / "config.yaml")
-    with output_lock(out / f".{what}.lock", f"{out}: {what}", rank):
+    with command_lock(cfg, what):
         yield load_tokenizer(cfg.model)
